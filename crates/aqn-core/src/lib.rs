@@ -1,0 +1,23 @@
+//! aqn-core: the numerics of aqn-rs, with no Python in sight.
+//!
+//! - [`formats`]: the element and scale codecs (E2M1, E8M0, E4M3) and nibble packing;
+//! - [`mxfp4`]: OCP MXFP4 (block 32, E8M0 scale) with the four scale modes;
+//! - [`nvfp4`]: NVFP4 (block 16, E4M3 scale, f32 global scale) by the compressed-tensors rule;
+//! - [`element`]: the input/output dtypes (f32, bf16, f16).
+//!
+//! The exact rules are written down in `docs/FORMATS.md`; every function here cites the rule
+//! it implements. All tensor functions see a row-major tensor as rows of `k` elements
+//! (the last dimension) and work on the rows in parallel with rayon.
+
+pub mod blockwise;
+pub mod element;
+pub mod error;
+pub mod formats;
+pub mod layout;
+pub mod mxfp4;
+pub mod nvfp4;
+
+pub use element::Element;
+pub use error::{Error, Result};
+pub use layout::Layout;
+pub use mxfp4::ScaleMode;
