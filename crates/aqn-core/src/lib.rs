@@ -21,3 +21,8 @@ pub use element::Element;
 pub use error::{Error, Result};
 pub use layout::Layout;
 pub use mxfp4::ScaleMode;
+
+/// Threads in the pool the tensor functions run on (rayon's global pool).
+pub fn current_num_threads() -> usize {
+    rayon::current_num_threads()
+}

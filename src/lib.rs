@@ -1,0 +1,382 @@
+//! The Python binding of aqn-core: converts numpy buffers and error values, nothing else
+//! (STYLE.md 1). Tensors arrive as C-contiguous numpy arrays (torch CPU tensors are viewed
+//! zero-copy by `python/aqn_rs/quantizers.py`; bf16/f16 travel as uint16 bit patterns with a
+//! dtype tag), outputs are preallocated by the caller, and the GIL is released around every
+//! whole-tensor call (STYLE.md 4).
+
+use aqn_core::{mxfp4, nvfp4, ScaleMode};
+use half::slice::HalfBitsSliceExt;
+use half::{bf16, f16};
+use numpy::{
+    PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+mod cuda;
+
+create_exception!(
+    _aqn_rs,
+    AqnError,
+    PyException,
+    "Base class of aqn-rs errors that are neither a bad type nor a bad value."
+);
+
+/// The one mapping from core errors to Python exceptions (STYLE.md 3).
+struct CoreError(aqn_core::Error);
+
+impl From<aqn_core::Error> for CoreError {
+    fn from(e: aqn_core::Error) -> Self {
+        Self(e)
+    }
+}
+
+impl From<CoreError> for PyErr {
+    fn from(e: CoreError) -> PyErr {
+        use aqn_core::Error::*;
+        match e.0 {
+            err @ (Length { .. } | Shape(_) | Argument(_)) => {
+                PyValueError::new_err(err.to_string())
+            }
+        }
+    }
+}
+
+/// Element dtype of a buffer; numpy has no bf16, so the tag travels beside the array.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    fn parse(s: &str) -> PyResult<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            _ => Err(PyTypeError::new_err(format!(
+                "unsupported dtype {s:?}; expected \"f32\", \"bf16\" or \"f16\""
+            ))),
+        }
+    }
+}
+
+fn readonly<'py, T: numpy::Element>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    want: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    let arr = obj.cast::<PyArrayDyn<T>>().map_err(|_| {
+        PyTypeError::new_err(format!("{what}: expected a numpy array of dtype {want}"))
+    })?;
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{what}: expected a C-contiguous array (call .contiguous() / np.ascontiguousarray first)"
+        )));
+    }
+    Ok(arr.readonly())
+}
+
+fn readwrite<'py, T: numpy::Element>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    want: &str,
+) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
+    let arr = obj.cast::<PyArrayDyn<T>>().map_err(|_| {
+        PyTypeError::new_err(format!("{what}: expected a numpy array of dtype {want}"))
+    })?;
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{what}: expected a C-contiguous array"
+        )));
+    }
+    arr.try_readwrite()
+        .map_err(|e| PyValueError::new_err(format!("{what}: cannot write to this array ({e})")))
+}
+
+fn as_slice<'a, T: numpy::Element>(a: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|e| PyValueError::new_err(format!("array is not contiguous: {e}")))
+}
+
+fn as_slice_mut<'a, T: numpy::Element>(
+    a: &'a mut PyReadwriteArrayDyn<'_, T>,
+) -> PyResult<&'a mut [T]> {
+    a.as_slice_mut()
+        .map_err(|e| PyValueError::new_err(format!("array is not contiguous: {e}")))
+}
+
+fn same_shape(a: &[usize], b: &[usize]) -> PyResult<()> {
+    if a == b {
+        Ok(())
+    } else {
+        Err(PyValueError::new_err(format!(
+            "output shape {b:?} does not match input shape {a:?}"
+        )))
+    }
+}
+
+/// Runs `$body` with `$xs: &[T]` (input) and `$os: &mut [T]` (output) for the dtype named by
+/// `$dtype`, and `$shape` the input's shape; the one place that turns a tag into a type.
+macro_rules! with_float_io {
+    ($dtype:expr, $x:expr, $out:expr, |$xs:ident, $os:ident, $shape:ident| $body:expr) => {{
+        match $dtype {
+            Dtype::F32 => {
+                let xa = readonly::<f32>($x, "input", "float32")?;
+                let mut oa = readwrite::<f32>($out, "output", "float32")?;
+                let $shape = xa.shape().to_vec();
+                same_shape(&$shape, oa.shape())?;
+                let $xs: &[f32] = as_slice(&xa)?;
+                let $os: &mut [f32] = as_slice_mut(&mut oa)?;
+                $body
+            }
+            Dtype::Bf16 => {
+                let xa = readonly::<u16>($x, "input", "uint16 (bf16 bits)")?;
+                let mut oa = readwrite::<u16>($out, "output", "uint16 (bf16 bits)")?;
+                let $shape = xa.shape().to_vec();
+                same_shape(&$shape, oa.shape())?;
+                let $xs: &[bf16] = as_slice(&xa)?.reinterpret_cast();
+                let $os: &mut [bf16] = as_slice_mut(&mut oa)?.reinterpret_cast_mut();
+                $body
+            }
+            Dtype::F16 => {
+                let xa = readonly::<u16>($x, "input", "uint16 (f16 bits)")?;
+                let mut oa = readwrite::<u16>($out, "output", "uint16 (f16 bits)")?;
+                let $shape = xa.shape().to_vec();
+                same_shape(&$shape, oa.shape())?;
+                let $xs: &[f16] = as_slice(&xa)?.reinterpret_cast();
+                let $os: &mut [f16] = as_slice_mut(&mut oa)?.reinterpret_cast_mut();
+                $body
+            }
+        }
+    }};
+}
+
+/// Like `with_float_io` for one float buffer and no shape check against another.
+macro_rules! with_float_in {
+    ($dtype:expr, $x:expr, $what:expr, |$xs:ident, $shape:ident| $body:expr) => {{
+        match $dtype {
+            Dtype::F32 => {
+                let xa = readonly::<f32>($x, $what, "float32")?;
+                let $shape = xa.shape().to_vec();
+                let $xs: &[f32] = as_slice(&xa)?;
+                $body
+            }
+            Dtype::Bf16 => {
+                let xa = readonly::<u16>($x, $what, "uint16 (bf16 bits)")?;
+                let $shape = xa.shape().to_vec();
+                let $xs: &[bf16] = as_slice(&xa)?.reinterpret_cast();
+                $body
+            }
+            Dtype::F16 => {
+                let xa = readonly::<u16>($x, $what, "uint16 (f16 bits)")?;
+                let $shape = xa.shape().to_vec();
+                let $xs: &[f16] = as_slice(&xa)?.reinterpret_cast();
+                $body
+            }
+        }
+    }};
+}
+
+macro_rules! with_float_out {
+    ($dtype:expr, $out:expr, |$os:ident, $shape:ident| $body:expr) => {{
+        match $dtype {
+            Dtype::F32 => {
+                let mut oa = readwrite::<f32>($out, "output", "float32")?;
+                let $shape = oa.shape().to_vec();
+                let $os: &mut [f32] = as_slice_mut(&mut oa)?;
+                $body
+            }
+            Dtype::Bf16 => {
+                let mut oa = readwrite::<u16>($out, "output", "uint16 (bf16 bits)")?;
+                let $shape = oa.shape().to_vec();
+                let $os: &mut [bf16] = as_slice_mut(&mut oa)?.reinterpret_cast_mut();
+                $body
+            }
+            Dtype::F16 => {
+                let mut oa = readwrite::<u16>($out, "output", "uint16 (f16 bits)")?;
+                let $shape = oa.shape().to_vec();
+                let $os: &mut [f16] = as_slice_mut(&mut oa)?.reinterpret_cast_mut();
+                $body
+            }
+        }
+    }};
+}
+
+fn parse_mode(s: &str) -> PyResult<ScaleMode> {
+    Ok(s.parse::<ScaleMode>().map_err(CoreError)?)
+}
+
+fn check_amax(amax: Option<f32>) -> PyResult<()> {
+    if let Some(a) = amax {
+        nvfp4::validate_amax(a).map_err(CoreError)?;
+    }
+    Ok(())
+}
+
+/// MXFP4 fake quant of `x` into `out` (same shape and dtype tag).
+#[pyfunction]
+fn mxfp4_fake_quant(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    dtype: &str,
+    scale_mode: &str,
+) -> PyResult<()> {
+    let (dtype, mode) = (Dtype::parse(dtype)?, parse_mode(scale_mode)?);
+    with_float_io!(dtype, x, out, |xs, os, shape| {
+        py.detach(|| mxfp4::fake_quant(mode, &shape, xs, os))
+            .map_err(CoreError)?;
+        Ok(())
+    })
+}
+
+/// MXFP4 quantize of `x` into packed `codes` and E8M0 `scales` (uint8 arrays).
+#[pyfunction]
+fn mxfp4_quantize(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    dtype: &str,
+    scale_mode: &str,
+    codes: &Bound<'_, PyAny>,
+    scales: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let (dtype, mode) = (Dtype::parse(dtype)?, parse_mode(scale_mode)?);
+    let mut ca = readwrite::<u8>(codes, "codes", "uint8")?;
+    let mut sa = readwrite::<u8>(scales, "scales", "uint8")?;
+    let (cs, ss) = (as_slice_mut(&mut ca)?, as_slice_mut(&mut sa)?);
+    with_float_in!(dtype, x, "input", |xs, shape| {
+        py.detach(|| mxfp4::quantize(mode, &shape, xs, cs, ss))
+            .map_err(CoreError)?;
+        Ok(())
+    })
+}
+
+/// MXFP4 dequantize of `codes`/`scales` into `out`, whose shape is the tensor's shape.
+#[pyfunction]
+fn mxfp4_dequantize(
+    py: Python<'_>,
+    codes: &Bound<'_, PyAny>,
+    scales: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    dtype: &str,
+) -> PyResult<()> {
+    let dtype = Dtype::parse(dtype)?;
+    let ca = readonly::<u8>(codes, "codes", "uint8")?;
+    let sa = readonly::<u8>(scales, "scales", "uint8")?;
+    let (cs, ss) = (as_slice(&ca)?, as_slice(&sa)?);
+    with_float_out!(dtype, out, |os, shape| {
+        py.detach(|| mxfp4::dequantize(&shape, cs, ss, os))
+            .map_err(CoreError)?;
+        Ok(())
+    })
+}
+
+/// NVFP4 fake quant of `x` into `out`; returns the global scale used.
+#[pyfunction]
+#[pyo3(signature = (x, out, dtype, amax=None))]
+fn nvfp4_fake_quant(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    dtype: &str,
+    amax: Option<f32>,
+) -> PyResult<f32> {
+    let dtype = Dtype::parse(dtype)?;
+    check_amax(amax)?;
+    with_float_io!(dtype, x, out, |xs, os, shape| {
+        Ok(py
+            .detach(|| nvfp4::fake_quant(&shape, xs, amax, os))
+            .map_err(CoreError)?)
+    })
+}
+
+/// NVFP4 quantize of `x` into packed `codes` and E4M3 `scales`; returns the global scale.
+#[pyfunction]
+#[pyo3(signature = (x, dtype, codes, scales, amax=None))]
+fn nvfp4_quantize(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    dtype: &str,
+    codes: &Bound<'_, PyAny>,
+    scales: &Bound<'_, PyAny>,
+    amax: Option<f32>,
+) -> PyResult<f32> {
+    let dtype = Dtype::parse(dtype)?;
+    check_amax(amax)?;
+    let mut ca = readwrite::<u8>(codes, "codes", "uint8")?;
+    let mut sa = readwrite::<u8>(scales, "scales", "uint8")?;
+    let (cs, ss) = (as_slice_mut(&mut ca)?, as_slice_mut(&mut sa)?);
+    with_float_in!(dtype, x, "input", |xs, shape| {
+        Ok(py
+            .detach(|| nvfp4::quantize(&shape, xs, amax, cs, ss))
+            .map_err(CoreError)?)
+    })
+}
+
+/// NVFP4 dequantize of `codes`/`scales` with `global_scale` into `out`.
+#[pyfunction]
+fn nvfp4_dequantize(
+    py: Python<'_>,
+    codes: &Bound<'_, PyAny>,
+    scales: &Bound<'_, PyAny>,
+    global_scale: f32,
+    out: &Bound<'_, PyAny>,
+    dtype: &str,
+) -> PyResult<()> {
+    let dtype = Dtype::parse(dtype)?;
+    let ca = readonly::<u8>(codes, "codes", "uint8")?;
+    let sa = readonly::<u8>(scales, "scales", "uint8")?;
+    let (cs, ss) = (as_slice(&ca)?, as_slice(&sa)?);
+    with_float_out!(dtype, out, |os, shape| {
+        py.detach(|| nvfp4::dequantize(&shape, cs, ss, global_scale, os))
+            .map_err(CoreError)?;
+        Ok(())
+    })
+}
+
+/// Max |x| over a tensor (NaN if any element is NaN, 0 if empty).
+#[pyfunction]
+fn nvfp4_amax(py: Python<'_>, x: &Bound<'_, PyAny>, dtype: &str) -> PyResult<f32> {
+    let dtype = Dtype::parse(dtype)?;
+    with_float_in!(dtype, x, "input", |xs, _shape| {
+        Ok(py.detach(|| nvfp4::amax(xs)))
+    })
+}
+
+/// The NVFP4 global scale for a tensor amax (compressed-tensors' `generate_gparam`).
+#[pyfunction]
+fn nvfp4_global_scale(amax: f32) -> PyResult<f32> {
+    check_amax(Some(amax))?;
+    Ok(nvfp4::global_scale(amax))
+}
+
+/// Number of CPU threads the kernels use (rayon's pool; `RAYON_NUM_THREADS` sets it).
+#[pyfunction]
+fn cpu_threads() -> usize {
+    rayon_threads()
+}
+
+fn rayon_threads() -> usize {
+    aqn_core::current_num_threads()
+}
+
+#[pymodule]
+fn _aqn_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("AqnError", m.py().get_type::<AqnError>())?;
+    m.add_function(wrap_pyfunction!(mxfp4_fake_quant, m)?)?;
+    m.add_function(wrap_pyfunction!(mxfp4_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(mxfp4_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(nvfp4_fake_quant, m)?)?;
+    m.add_function(wrap_pyfunction!(nvfp4_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(nvfp4_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(nvfp4_amax, m)?)?;
+    m.add_function(wrap_pyfunction!(nvfp4_global_scale, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;
+    cuda::register(m)?;
+    Ok(())
+}
