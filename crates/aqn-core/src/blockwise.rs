@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::element::Element;
 use crate::error::Result;
-use crate::formats::{e2m1_decode, e2m1_encode};
+use crate::formats::{e2m1_decode, e2m1_encode, e2m1_round};
 use crate::layout::Layout;
 
 /// Bits of |x| at or above this are Inf (== 0x7F80_0000) or NaN (above).
@@ -35,6 +35,15 @@ pub trait BlockRule: Sync {
     fn scaled(&self, x: f32, s: &BlockScale) -> f32;
     /// Decode-direction scale from a stored byte, `None` for a NaN scale.
     fn dec_from_byte(&self, byte: u8) -> Option<f32>;
+}
+
+/// Largest block of any rule (stack buffers are sized by it).
+const MAX_BLOCK: usize = 32;
+
+/// Max of |x| over a widened block, as f32 bits (see [`amax_bits`]).
+#[inline(always)]
+fn amax_bits_f32(block: &[f32]) -> u32 {
+    block.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF))
 }
 
 /// Max of |x| over a block, as f32 bits: non-negative floats order like their bits, and
@@ -66,6 +75,7 @@ pub fn fake_quant<T: Element, R: BlockRule>(
     x: &[T],
     out: &mut [T],
 ) -> Result<()> {
+    const { assert!(R::BLOCK <= MAX_BLOCK && R::BLOCK % 2 == 0) };
     layout.check_len("input", layout.numel(), x.len())?;
     layout.check_len("output", layout.numel(), out.len())?;
     if layout.numel() == 0 {
@@ -75,18 +85,22 @@ pub fn fake_quant<T: Element, R: BlockRule>(
     x.par_chunks(chunk)
         .zip(out.par_chunks_mut(chunk))
         .for_each(|(xs, os)| {
+            let mut buf = [0f32; MAX_BLOCK];
             for (xr, or) in xs.chunks(layout.k).zip(os.chunks_mut(layout.k)) {
                 for (xb, ob) in xr.chunks(R::BLOCK).zip(or.chunks_mut(R::BLOCK)) {
-                    let m = amax_bits(xb);
+                    // Widen the block once, work in f32, narrow once: SIMD-friendly.
+                    let v = &mut buf[..xb.len()];
+                    T::widen(xb, v);
+                    let m = amax_bits_f32(v);
                     if m >= NON_FINITE_ABS_BITS {
                         ob.fill(T::canonical_nan());
                         continue;
                     }
                     let s = rule.scale(f32::from_bits(m));
-                    for (o, v) in ob.iter_mut().zip(xb) {
-                        let code = e2m1_encode(rule.scaled(v.to_f32(), &s));
-                        *o = T::from_f32(e2m1_decode(code) * s.dec);
+                    for y in v.iter_mut() {
+                        *y = e2m1_round(rule.scaled(*y, &s)) * s.dec;
                     }
+                    T::narrow(v, ob);
                 }
             }
         });

@@ -13,6 +13,20 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn from_f32(v: f32) -> Self;
     /// The canonical quiet NaN of this dtype (written explicitly so CPU and GPU agree).
     fn canonical_nan() -> Self;
+    /// Widen a short slice (one block) into `dst`; bulk form so SIMD conversions apply.
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+    /// Narrow a short slice (one block) into `dst` (round to nearest even).
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(*s);
+        }
+    }
 }
 
 impl Element for f32 {
@@ -60,6 +74,17 @@ impl Element for f16 {
     #[inline(always)]
     fn canonical_nan() -> Self {
         f16::from_bits(0x7E00)
+    }
+    // half's slice conversions use F16C when the CPU has it (checked once per call).
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
     }
 }
 

@@ -48,6 +48,26 @@ pub fn e2m1_encode(y: f32) -> u8 {
     sign | idx
 }
 
+/// `e2m1_decode(e2m1_encode(y))` computed arithmetically (vectorizes; no table gather).
+///
+/// Round-half-to-even to the grid spacing of `|y|`'s binade — 0.5 below 2, 1 below 4, 2 above —
+/// by the add-and-subtract trick (`a + 2^(23+k) - 2^(23+k)` rounds `a` to a multiple of `2^k`
+/// with the FPU's RNE), then saturate at 6. Ties land exactly as in [`e2m1_encode`]: 5 -> 4
+/// (2*2 even), 2.5 -> 2, 0.25 -> 0, 0.75 -> 1, 1.75 -> 2, 3.5 -> 4. The sign is copied from `y`,
+/// so values that round to zero keep it (-0.1 -> -0.0, as code 0x8 decodes).
+#[inline(always)]
+pub fn e2m1_round(y: f32) -> f32 {
+    let a = y.abs();
+    let c = if a < 2.0 {
+        4_194_304.0 // 2^22: spacing 0.5
+    } else if a < 4.0 {
+        8_388_608.0 // 2^23: spacing 1
+    } else {
+        16_777_216.0 // 2^24: spacing 2
+    };
+    ((a + c) - c).min(F4_E2M1_MAX).copysign(y)
+}
+
 /// E2M1 decode of a 4-bit code (the high nibble of `code` is ignored).
 #[inline(always)]
 pub fn e2m1_decode(code: u8) -> f32 {
@@ -177,6 +197,18 @@ mod tests {
         }
         assert_eq!(e2m1_encode(-0.0), 0x8);
         assert_eq!(e2m1_encode(-0.1), 0x8);
+    }
+
+    #[test]
+    fn e2m1_round_equals_decode_of_encode() {
+        // Every f32 in [0, 8] at a 2^-12 step (all ties and neighbours), then spot values.
+        let mut xs: Vec<f32> = (0..=(8 << 12)).map(|i| i as f32 / 4096.0).collect();
+        xs.extend([1e-45, 1e-30, 5.0000005, 4.9999995, 1e30, f32::INFINITY, f32::MAX]);
+        for x in xs {
+            for y in [x, -x] {
+                assert_eq!(e2m1_round(y).to_bits(), e2m1_decode(e2m1_encode(y)).to_bits(), "y = {y}");
+            }
+        }
     }
 
     #[test]
