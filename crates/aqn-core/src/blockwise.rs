@@ -43,7 +43,9 @@ const MAX_BLOCK: usize = 32;
 /// Max of |x| over a widened block, as f32 bits (see [`amax_bits`]).
 #[inline(always)]
 fn amax_bits_f32(block: &[f32]) -> u32 {
-    block.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF))
+    block
+        .iter()
+        .fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF))
 }
 
 /// Max of |x| over a block, as f32 bits: non-negative floats order like their bits, and
@@ -202,4 +204,66 @@ pub fn dequantize<T: Element, R: BlockRule>(
             }
         });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mxfp4::{Mxfp4, ScaleMode};
+    use crate::nvfp4::{global_scale, Nvfp4};
+    use half::{bf16, f16};
+    use proptest::prelude::*;
+
+    /// Any f32 bit pattern, weighted towards the interesting ones.
+    fn any_f32() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            4 => any::<u32>().prop_map(f32::from_bits),
+            4 => (-8.0f32..8.0),
+            1 => Just(0.0f32),
+            1 => Just(-0.0f32),
+            1 => prop::sample::select(vec![0.25f32, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -6.0, f32::INFINITY, f32::NAN, 1e-45, f32::MAX]),
+        ]
+    }
+
+    fn check_rule<T: Element, R: BlockRule>(
+        rule: &R,
+        shape: (usize, usize),
+        x: &[T],
+    ) -> std::result::Result<(), TestCaseError> {
+        let layout = Layout {
+            rows: shape.0,
+            k: shape.1,
+            block: R::BLOCK,
+        };
+        let mut fq = vec![T::from_f32(0.0); x.len()];
+        fake_quant(rule, layout, x, &mut fq).unwrap();
+        let mut codes = vec![0u8; layout.rows * layout.packed_per_row()];
+        let mut scales = vec![0u8; layout.rows * layout.blocks_per_row()];
+        quantize(rule, layout, x, &mut codes, &mut scales).unwrap();
+        let mut back = vec![T::from_f32(0.0); x.len()];
+        dequantize(rule, layout, &codes, &scales, &mut back).unwrap();
+        for (i, (a, b)) in fq.iter().zip(&back).enumerate() {
+            // Same bits, canonical NaNs included: the fused path equals the two-step path.
+            prop_assert_eq!(a.to_f32().to_bits(), b.to_f32().to_bits(), "element {}", i);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+        /// fake_quant == dequantize(quantize) for every rule, dtype and shape (short tails too).
+        #[test]
+        fn fused_equals_two_step(rows in 1usize..4, k in 1usize..70, vals in prop::collection::vec(any_f32(), 280), mode in 0usize..4) {
+            let x: Vec<f32> = vals[..rows * k].to_vec();
+            let mx = Mxfp4 { mode: ScaleMode::ALL[mode] };
+            check_rule(&mx, (rows, k), &x)?;
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            check_rule(&mx, (rows, k), &xb)?;
+            let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            let nv = Nvfp4 { gs: global_scale(tensor_amax(&xh)) };
+            check_rule(&nv, (rows, k), &xh)?;
+            check_rule(&Nvfp4 { gs: global_scale(tensor_amax(&x)) }, (rows, k), &x)?;
+        }
+    }
 }

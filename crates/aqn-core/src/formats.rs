@@ -203,10 +203,22 @@ mod tests {
     fn e2m1_round_equals_decode_of_encode() {
         // Every f32 in [0, 8] at a 2^-12 step (all ties and neighbours), then spot values.
         let mut xs: Vec<f32> = (0..=(8 << 12)).map(|i| i as f32 / 4096.0).collect();
-        xs.extend([1e-45, 1e-30, 5.0000005, 4.9999995, 1e30, f32::INFINITY, f32::MAX]);
+        xs.extend([
+            1e-45,
+            1e-30,
+            5.0000005,
+            4.9999995,
+            1e30,
+            f32::INFINITY,
+            f32::MAX,
+        ]);
         for x in xs {
             for y in [x, -x] {
-                assert_eq!(e2m1_round(y).to_bits(), e2m1_decode(e2m1_encode(y)).to_bits(), "y = {y}");
+                assert_eq!(
+                    e2m1_round(y).to_bits(),
+                    e2m1_decode(e2m1_encode(y)).to_bits(),
+                    "y = {y}"
+                );
             }
         }
     }
