@@ -69,6 +69,25 @@ def test_input_not_modified_and_grad_ignored():
     assert not y.requires_grad
 
 
+def test_caller_storage_stays_resizable():
+    # Tensor.numpy() would pin the storage's size for good (FSDP2 frees unsharded params by
+    # resizing storage to 0); the core reads through a plain pointer view instead.
+    x = torch.randn(4, 64)
+    for q in QUANTIZERS:
+        q.fake_quant(x)
+        q.dequantize(q.quantize(x))
+    assert x.untyped_storage().resizable()
+    x.untyped_storage().resize_(0)
+
+
+def test_mixed_device_quantized_tensor_is_an_error():
+    q = aqn_rs.Mxfp4Quantizer()
+    t = q.quantize(torch.randn(2, 32))
+    bad = aqn_rs.QuantizedTensor(t.codes, t.scales.to("meta"), None, t.shape, "mxfp4")
+    with pytest.raises(ValueError, match="CPU tensor"):
+        q.dequantize(bad)
+
+
 def test_packing_low_nibble_first():
     # Block amax 6 -> MX scale 2^0 with floor: elements are their own codes.
     x = torch.tensor([[6.0, 0.5, -1.0, 3.0, 0.0]])

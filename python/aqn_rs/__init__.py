@@ -24,14 +24,34 @@ from .quantizers import (
     build_info,
 )
 
+# torch-dependent names load on first use, so `import aqn_rs` does not import torch.
+_LAZY = {
+    "quantize_model": ("hooks", "quantize_model"),
+    "QuantizationHandle": ("hooks", "QuantizationHandle"),
+    "hooks": ("hooks", None),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod_name, attr = _LAZY[name]
+        mod = importlib.import_module(f".{mod_name}", __name__)
+        return mod if attr is None else getattr(mod, attr)
+    raise AttributeError(f"module 'aqn_rs' has no attribute {name!r}")
+
+
 __all__ = [
     "AqnError",
     "MXFP4_BLOCK",
     "NVFP4_BLOCK",
     "Mxfp4Quantizer",
     "Nvfp4Quantizer",
+    "QuantizationHandle",
     "QuantizedTensor",
     "SCALE_MODES",
     "__version__",
     "build_info",
+    "quantize_model",
 ]

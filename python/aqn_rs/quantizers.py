@@ -10,6 +10,7 @@ torch is imported only when a torch tensor is passed, so numpy-only use stays li
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import sys
 from typing import Any, Optional, Tuple, Union
@@ -49,17 +50,29 @@ def _torch_dtype(tag: str):
     return {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[tag]
 
 
+_VIEW_DTYPES = {"f32": np.float32, "bf16": np.uint16, "f16": np.uint16, "u8": np.uint8}
+
+
 def _rs_view(a: Any, tag: str) -> np.ndarray:
     """Zero-copy numpy view of a contiguous CPU tensor or array for the Rust core: float32 and
-    uint8 as they are, bf16/f16 as uint16 bit patterns (numpy has no bfloat16)."""
-    if not isinstance(a, np.ndarray):
-        import torch
+    uint8 as they are, bf16/f16 as uint16 bit patterns (numpy has no bfloat16).
 
-        a = a.detach()
-        if tag in ("bf16", "f16"):
-            a = a.view(torch.int16)
-        a = a.numpy()
-    return a.view(np.uint16) if tag in ("bf16", "f16") else a
+    torch tensors are viewed through their data pointer, not `Tensor.numpy()`: that call marks
+    the tensor's storage non-resizable for good, which breaks FSDP2 (it frees unsharded
+    parameters by resizing their storage to 0). The view lives only for the call, while the
+    caller holds the tensor.
+    """
+    dt = _VIEW_DTYPES[tag]
+    if isinstance(a, np.ndarray):
+        return a.view(dt) if a.dtype != dt else a
+    if a.device.type != "cpu" or not a.is_contiguous():
+        raise ValueError(f"expected a contiguous CPU tensor here, got one on {a.device}")
+    n = a.numel()
+    if n == 0:
+        return np.empty(tuple(a.shape), dt)
+    nbytes = n * a.element_size()
+    buf = (ctypes.c_char * nbytes).from_address(a.data_ptr())
+    return np.frombuffer(buf, dtype=dt).reshape(tuple(a.shape))
 
 
 def _dtype_tag_of(dtype: Any, default: str) -> str:
@@ -203,11 +216,12 @@ class _Quantizer:
         )
 
     @staticmethod
-    def _host_packed(t: QuantizedTensor) -> Tuple[np.ndarray, np.ndarray]:
-        """C-contiguous numpy views (copies only if needed) of a CPU QuantizedTensor's bytes."""
+    def _host_packed(t: QuantizedTensor) -> Tuple[Any, Any]:
+        """C-contiguous codes and scales of a CPU QuantizedTensor (copies only if needed). The
+        caller keeps the returned objects alive while the core reads views of them."""
         if isinstance(t.codes, np.ndarray):
             return np.ascontiguousarray(t.codes), np.ascontiguousarray(t.scales)
-        return t.codes.detach().contiguous().numpy(), t.scales.detach().contiguous().numpy()
+        return t.codes.detach().contiguous(), t.scales.detach().contiguous()
 
     def _check_qt(self, t: QuantizedTensor) -> None:
         if not isinstance(t, QuantizedTensor):
@@ -331,7 +345,7 @@ class Mxfp4Quantizer(_Quantizer):
         if kind == "torch-cuda":
             return _cuda_module().dequantize(t.codes, t.scales, None, t.shape, "mxfp4", out.dtype)
         codes, scales = self._host_packed(t)
-        _aqn_rs.mxfp4_dequantize(codes, scales, _rs_view(out, tag), tag)
+        _aqn_rs.mxfp4_dequantize(_rs_view(codes, "u8"), _rs_view(scales, "u8"), _rs_view(out, tag), tag)
         return out
 
 
@@ -418,7 +432,9 @@ class Nvfp4Quantizer(_Quantizer):
         if kind == "torch-cuda":
             return _cuda_module().dequantize(t.codes, t.scales, t.global_scale, t.shape, "nvfp4", out.dtype)
         codes, scales = self._host_packed(t)
-        _aqn_rs.nvfp4_dequantize(codes, scales, _amax_value(t.global_scale), _rs_view(out, tag), tag)
+        _aqn_rs.nvfp4_dequantize(
+            _rs_view(codes, "u8"), _rs_view(scales, "u8"), _amax_value(t.global_scale), _rs_view(out, tag), tag
+        )
         return out
 
 

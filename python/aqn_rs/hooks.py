@@ -1,0 +1,343 @@
+"""Fake quantization of torch modules without touching their parameters.
+
+`quantize_model(model, quantizer, ...)` makes the selected `nn.Linear` (and optionally
+`nn.Embedding`) modules compute with fake-quantized weights (W4A16), inputs (W16A4) or both
+(W4A4). Design, and the research plan's bugs it avoids (shared/DESIGN.md):
+
+* The master weight is never written. The plan's fork swapped `module.weight.data` in a
+  pre-hook and restored it in a backward hook, which never fires under `no_grad` (log-prob
+  recompute), so the quantized weight replaced the master weight. Here the module's forward is
+  wrapped per instance: it reads `self.weight`, fake-quantizes it out of place, and calls the
+  functional op. `state_dict()` keys and values stay exactly the same, under any grad mode.
+* Backward is the straight-through estimator: the gradient of the fake-quantized weight is
+  passed to the master weight unchanged (`ste="identity"`), or zeroed where the element was
+  clipped at the top of the FP4 grid (`ste="clipped"`).
+* The weight's fake quant is cached per weight version (`data_ptr`, `_version`, shape, dtype),
+  so micro-batches between two optimizer steps reuse it; the optimizer's in-place update bumps
+  `_version` and invalidates it. Under FSDP (detected at install time) and under
+  `torch.compile` the cache is off.
+* The op is a `torch.library` custom op (`torch.ops.aqn_rs.fake_quant`) with a fake
+  implementation and an autograd formula, so `torch.compile(fullgraph=True)` traces it whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import weakref
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .quantizers import Mxfp4Quantizer, Nvfp4Quantizer, _Quantizer
+
+INJECTION_POINTS = ("weight", "activation", "both")
+STE_MODES = ("identity", "clipped")
+
+
+def _quantizer_for(fmt: str, scale_mode: str) -> _Quantizer:
+    if fmt == "mxfp4":
+        return Mxfp4Quantizer(scale_mode)
+    if fmt == "nvfp4":
+        return Nvfp4Quantizer()
+    raise ValueError(f"unknown format {fmt!r}; expected 'mxfp4' or 'nvfp4'")
+
+
+# ---- the custom op -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("aqn_rs::fake_quant", mutates_args=())
+def fake_quant_op(x: Tensor, fmt: str, scale_mode: str, ste: str, amax: Optional[Tensor] = None) -> Tensor:
+    """Fake quant as a torch op (CPU and CUDA). Backward: STE (`ste` = identity | clipped)."""
+    q = _quantizer_for(fmt, scale_mode)
+    x = x.contiguous()
+    if fmt == "nvfp4":
+        return q.fake_quant(x, amax=amax)
+    return q.fake_quant(x)
+
+
+@fake_quant_op.register_fake
+def _(x, fmt, scale_mode, ste, amax=None):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _block_top(x: Tensor, fmt: str, scale_mode: str, amax: Optional[Tensor]) -> Tensor:
+    """Per element, the top of its block's grid (6 * decode scale): values above it were clipped."""
+    q = _quantizer_for(fmt, scale_mode)
+    x = x.detach().contiguous()
+    t = q.quantize(x, amax=amax) if fmt == "nvfp4" else q.quantize(x)
+    s = t.scales
+    if fmt == "mxfp4":
+        d = torch.ldexp(torch.ones_like(s, dtype=torch.float32), s.to(torch.int32) - 127)
+        d = torch.where(s == 255, torch.nan, d)
+    else:
+        d = s.view(torch.float8_e4m3fn).float() / t.global_scale.to(s.device)
+    block = q.block_size
+    top = (6.0 * d).repeat_interleave(block, dim=-1)[..., : x.shape[-1]]
+    return top
+
+
+def _setup_context(ctx, inputs, output):
+    x, fmt, scale_mode, ste, amax = inputs
+    ctx.ste = ste
+    if ste == "clipped":
+        ctx.fmt, ctx.scale_mode = fmt, scale_mode
+        ctx.save_for_backward(x, amax)
+
+
+def _backward(ctx, grad):
+    if ctx.ste == "identity":
+        return grad, None, None, None, None
+    x, amax = ctx.saved_tensors
+    keep = x.abs() <= _block_top(x, ctx.fmt, ctx.scale_mode, amax)
+    return grad * keep.to(grad.dtype), None, None, None, None
+
+
+torch.library.register_autograd("aqn_rs::fake_quant", _backward, setup_context=_setup_context)
+
+
+class _STELink(torch.autograd.Function):
+    """Returns the cached fake-quantized weight `q` while routing the gradient to `w`."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, q: Tensor) -> Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def fake_quant(x: Tensor, quantizer: _Quantizer, ste: str = "identity", amax: Optional[Tensor] = None) -> Tensor:
+    """Differentiable fake quant of a torch tensor (STE backward).
+
+    Args:
+        x: float32/bfloat16/float16 tensor on CPU or CUDA.
+        quantizer: an `Mxfp4Quantizer` or `Nvfp4Quantizer`.
+        ste: "identity" (gradient passes unchanged) or "clipped" (zero where clipped at the
+            top of the block's grid).
+        amax: optional NVFP4 tensor amax (0-d tensor).
+
+    Returns:
+        The fake-quantized tensor, same shape and dtype.
+    """
+    if ste not in STE_MODES:
+        raise ValueError(f"unknown ste {ste!r}; expected one of {STE_MODES}")
+    mode = getattr(quantizer, "scale_mode", "floor")
+    return torch.ops.aqn_rs.fake_quant(x, quantizer.format, mode, ste, amax)
+
+
+# ---- module wrapping -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModuleDecision:
+    """One row of `QuantizationHandle.summary()`."""
+
+    name: str
+    type: str
+    selected: bool
+    rule: str
+
+
+class _WeightCache:
+    """Detached fake-quantized weight per (data_ptr, _version, shape, dtype, device)."""
+
+    __slots__ = ("key", "value", "hits", "misses")
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.value: Optional[Tensor] = None
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, w: Tensor, compute) -> Tensor:
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+        if key != self.key:
+            self.value = compute(w.detach())
+            self.key = key
+            self.misses += 1
+        else:
+            self.hits += 1
+        return self.value
+
+    def clear(self) -> None:
+        self.key, self.value = None, None
+
+
+def _fsdp_present(model: torch.nn.Module) -> bool:
+    names = {"FullyShardedDataParallel", "FSDPModule"}
+    for m in model.modules():
+        if any(c.__name__ in names or c.__name__.startswith("FSDP") for c in type(m).__mro__):
+            return True
+    for p in model.parameters():
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            return True
+    return False
+
+
+class QuantizationHandle:
+    """What `quantize_model` returns: `remove()` undoes it, `summary()` says what it did."""
+
+    def __init__(self, model, quantizer, injection_point, ste, decisions, wrapped) -> None:
+        self._model = weakref.ref(model)
+        self.quantizer = quantizer
+        self.injection_point = injection_point
+        self.ste = ste
+        self._decisions: List[ModuleDecision] = decisions
+        self._wrapped: Dict[str, Tuple[torch.nn.Module, _WeightCache]] = wrapped
+        self.removed = False
+
+    @property
+    def modules(self) -> List[str]:
+        """Names of the modules that compute with fake quant."""
+        return list(self._wrapped)
+
+    def summary(self) -> List[ModuleDecision]:
+        """One row per module: name, class, whether selected, and the rule that decided."""
+        return list(self._decisions)
+
+    def format_summary(self) -> str:
+        """The summary as a text table, selected modules first."""
+        rows = sorted(self._decisions, key=lambda d: (not d.selected, d.name))
+        w = max([len(d.name) for d in rows] + [4])
+        t = max([len(d.type) for d in rows] + [4])
+        lines = [f"{'name':<{w}}  {'type':<{t}}  sel  rule"]
+        lines += [f"{d.name:<{w}}  {d.type:<{t}}  {'yes' if d.selected else 'no ':<3}  {d.rule}" for d in rows]
+        n = sum(d.selected for d in rows)
+        lines.append(f"{n} of {len(rows)} modules fake-quantized ({self.quantizer!r}, {self.injection_point}, ste={self.ste})")
+        return "\n".join(lines)
+
+    def cache_stats(self) -> Dict[str, int]:
+        """Weight-cache hits and misses summed over modules."""
+        hits = sum(c.hits for _, c in self._wrapped.values())
+        misses = sum(c.misses for _, c in self._wrapped.values())
+        return {"hits": hits, "misses": misses}
+
+    def remove(self) -> None:
+        """Restore every wrapped module's original forward and drop the caches."""
+        for module, cache in self._wrapped.values():
+            if "forward" in module.__dict__:
+                del module.__dict__["forward"]
+            module.__dict__.pop("_aqn_rs_handle", None)
+            cache.clear()
+        self._wrapped.clear()
+        self.removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, cache: Optional[_WeightCache]):
+    mode = getattr(quantizer, "scale_mode", "floor")
+    fmt = quantizer.format
+    q_weight = injection_point in ("weight", "both")
+    q_act = injection_point in ("activation", "both")
+
+    def weight_q(w: Tensor) -> Tensor:
+        if not q_weight:
+            return w
+        if cache is not None and not torch.compiler.is_compiling():
+            qw = cache.get(w, lambda wd: torch.ops.aqn_rs.fake_quant(wd, fmt, mode, ste, None))
+            if torch.is_grad_enabled() and w.requires_grad:
+                if ste == "identity":
+                    return _STELink.apply(w, qw)
+                return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, None)
+            return qw
+        return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, None)
+
+    if kind == "linear":
+
+        def forward(self, input: Tensor) -> Tensor:
+            x = torch.ops.aqn_rs.fake_quant(input, fmt, mode, ste, None) if q_act else input
+            return F.linear(x, weight_q(self.weight), self.bias)
+
+    else:  # embedding: weight only
+
+        def forward(self, input: Tensor) -> Tensor:
+            return F.embedding(input, weight_q(self.weight), self.padding_idx, self.max_norm,
+                               self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    return types.MethodType(forward, module)
+
+
+def _layer_kind(module) -> Optional[str]:
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    return None
+
+
+def quantize_model(
+    model: torch.nn.Module,
+    quantizer: _Quantizer,
+    injection_point: str = "weight",
+    exclude: Optional[Sequence[str]] = ("lm_head", "embed_tokens"),
+    include: Optional[Sequence[str]] = None,
+    layer_types: Sequence[str] = ("linear",),
+    ste: str = "identity",
+    cache: bool = True,
+) -> QuantizationHandle:
+    """Make the selected modules of `model` compute with fake-quantized weights/activations.
+
+    Args:
+        model: any `torch.nn.Module` (a transformers model, a plain stack of Linears, ...).
+        quantizer: `aqn_rs.Mxfp4Quantizer(...)` or `aqn_rs.Nvfp4Quantizer()`.
+        injection_point: "weight" (W4A16), "activation" (W16A4: the Linear's input, blocks along
+            in_features) or "both" (W4A4).
+        exclude: patterns never quantized (exact dotted-suffix names, shell globs, `re:` regexes);
+            default `lm_head` and `embed_tokens`, as production recipes do.
+        include: if given, only modules matching one of these patterns.
+        layer_types: "linear" and/or "embedding" (weight fake quant applies to those).
+        ste: "identity" or "clipped" straight-through estimator.
+        cache: reuse a weight's fake quant until the weight changes (off under FSDP).
+
+    Returns:
+        A `QuantizationHandle` (`remove()`, `summary()`, `format_summary()`, `cache_stats()`).
+    """
+    from .selection import ModuleSelector
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(quantizer, (Mxfp4Quantizer, Nvfp4Quantizer)):
+        raise TypeError(f"quantizer must be an aqn_rs Mxfp4Quantizer or Nvfp4Quantizer, got {quantizer!r}")
+    if injection_point not in INJECTION_POINTS:
+        raise ValueError(f"unknown injection_point {injection_point!r}; expected one of {INJECTION_POINTS}")
+    if ste not in STE_MODES:
+        raise ValueError(f"unknown ste {ste!r}; expected one of {STE_MODES}")
+    bad = [t for t in layer_types if t not in ("linear", "embedding")]
+    if bad:
+        raise ValueError(f"quantize_model fake-quantizes 'linear' and 'embedding' layers; got {bad} "
+                         "(RMSNorm weights get AQN noise, not quantization: see aqn_rs.AqnNoise)")
+    if injection_point != "weight" and "embedding" in layer_types:
+        raise ValueError("activation fake quant applies to Linear inputs only; use layer_types=('linear',)")
+    selector = ModuleSelector(include=include, exclude=exclude if exclude is not None else (), layer_types=tuple(layer_types))
+    use_cache = cache and not _fsdp_present(model)
+
+    decisions: List[ModuleDecision] = []
+    wrapped: Dict[str, Tuple[torch.nn.Module, _WeightCache]] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        cls = type(module).__name__
+        selected, rule = selector.decide(name, cls)
+        kind = _layer_kind(module)
+        if selected and kind is None:
+            selected, rule = False, f"unsupported:{cls}"
+        if selected and "_aqn_rs_handle" in module.__dict__:
+            raise ValueError(f"module {name!r} is already fake-quantized by another handle; remove() it first")
+        if kind is not None or selected or cls.endswith("RMSNorm"):
+            decisions.append(ModuleDecision(name, cls, selected, rule))
+        if not selected:
+            continue
+        c = _WeightCache() if use_cache else None
+        module.forward = _make_forward(module, kind, quantizer, injection_point, ste, c)
+        module.__dict__["_aqn_rs_handle"] = True
+        wrapped[name] = (module, c if c is not None else _WeightCache())
+    return QuantizationHandle(model, quantizer, injection_point, ste, decisions, wrapped)

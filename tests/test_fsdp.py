@@ -1,0 +1,85 @@
+"""FSDP2 (`fully_shard`): two CPU processes with gloo give the same loss and gradients as one
+process, with W4A16 fake quant on every Linear."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+import aqn_rs
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 96), torch.nn.GELU(),
+        torch.nn.Linear(96, 16),
+    )
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 64, generator=g), torch.randn(8, 16, generator=g)
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, fmt: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        q = aqn_rs.Nvfp4Quantizer() if fmt == "nvfp4" else aqn_rs.Mxfp4Quantizer()
+        h = aqn_rs.quantize_model(model, q, exclude=())
+        x, y = _batch()
+        half = x.shape[0] // world
+        xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        loss = _loss(model, xs, ys)
+        loss.backward()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"loss": total / world, "grads": grads, "n": len(h.modules)}, os.path.join(out_dir, "fsdp.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fsdp2_two_processes_match_one(tmp_path, fmt):
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path), fmt), nprocs=2, join=True)
+    got = torch.load(tmp_path / "fsdp.pt")
+    assert got["n"] == 3
+
+    model = _model()
+    q = aqn_rs.Nvfp4Quantizer() if fmt == "nvfp4" else aqn_rs.Mxfp4Quantizer()
+    aqn_rs.quantize_model(model, q, exclude=())
+    x, y = _batch()
+    loss = _loss(model, x, y)
+    loss.backward()
+    # Same math, different reduction order (two half-batch means averaged): f32 rounding only.
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-6, atol=1e-7)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-5, atol=1e-7, msg=n)

@@ -1,0 +1,198 @@
+"""quantize_model: hooked forward == reference-quantized weights, master weights never
+written, STE gradients, cache per weight version, remove(), torch.compile."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import aqn_rs
+from aqn_rs import reference as ref
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed: int = 0, tie: bool = False):
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).float().eval()
+    return model
+
+
+def ids(batch=2, seq=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 96, (batch, seq), generator=g)
+
+
+def bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def state_bits(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def manual_reference(model, fmt, mode="floor", skip=("lm_head", "embed_tokens")):
+    """A copy whose selected Linear weights are replaced by reference.py's fake quant."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if isinstance(mod, torch.nn.Linear) and not any(name.endswith(s) for s in skip):
+                w = mod.weight
+                q = ref.mxfp4_fake_quant(w, mode) if fmt == "mxfp4" else ref.nvfp4_fake_quant(w)
+                w.copy_(q)
+    return m
+
+
+QUANTIZERS = [aqn_rs.Mxfp4Quantizer("floor"), aqn_rs.Mxfp4Quantizer("rceil"), aqn_rs.Nvfp4Quantizer()]
+
+
+@pytest.mark.parametrize("q", QUANTIZERS, ids=repr)
+def test_hooked_forward_equals_reference_weights(q):
+    model = tiny_llama()
+    x = ids()
+    want = manual_reference(model, q.format, getattr(q, "scale_mode", "floor"))(x).logits
+    h = aqn_rs.quantize_model(model, q)
+    got = model(x).logits
+    assert torch.equal(bits(got), bits(want))
+    rows = {d.name: d for d in h.summary()}
+    assert not rows["lm_head"].selected and "lm_head" in rows["lm_head"].rule
+    assert not rows["model.embed_tokens"].selected
+    assert rows["model.layers.0.self_attn.q_proj"].selected
+    assert rows["model.layers.1.mlp.down_proj"].selected
+    assert len(h.modules) == 2 * 7
+    assert "14 of" in h.format_summary()
+
+
+def test_master_weights_never_written_under_no_grad_and_inference_mode():
+    model = tiny_llama()
+    before = state_bits(model)
+    keys = list(model.state_dict())
+    h = aqn_rs.quantize_model(model, aqn_rs.Mxfp4Quantizer())
+    x = ids()
+    for i in range(10):
+        with torch.no_grad():
+            model(x)
+        with torch.inference_mode():
+            model(x)
+    model.train()
+    model(x).logits.sum().backward()  # a training forward/backward, no optimizer step
+    after = model.state_dict()
+    assert list(after) == keys
+    for k in keys:
+        assert torch.equal(bits(after[k]), bits(before[k])), k
+    h.remove()
+
+
+def test_ste_gradient_reaches_master_weight():
+    model = tiny_llama().train()
+    refm = manual_reference(model, "nvfp4").train()
+    h = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer())
+    x = ids()
+    model(x, labels=x).loss.backward()
+    refm(x, labels=x).loss.backward()
+    for (n, p), (n2, p2) in zip(model.named_parameters(), refm.named_parameters()):
+        assert n == n2 and p.grad is not None
+        # identity STE: d loss / d master weight == d loss / d quantized weight
+        assert torch.equal(p.grad, p2.grad), n
+    h.remove()
+
+
+def test_clipped_ste_zeroes_clipped_elements():
+    torch.manual_seed(0)
+    w = torch.randn(4, 64, requires_grad=True)
+    with torch.no_grad():
+        w[0, 0] = 50.0  # block amax; floor scale makes values in (6, 8)*2^e saturate
+        w[0, 1] = 49.0
+    q = aqn_rs.Mxfp4Quantizer("floor")
+    y = aqn_rs.hooks.fake_quant(w, q, ste="clipped")
+    y.sum().backward()
+    t = q.quantize(w.detach())
+    # top of each block's grid: 6 * 2^e, from the E8M0 scale bytes, expanded to elements
+    top = (6 * torch.pow(2.0, t.scales.double() - 127)).repeat_interleave(32, dim=1)
+    want = (w.detach().double().abs() <= top).float()
+    assert w.grad[0, 0] == 0 and w.grad[0, 1] == 0  # 50 and 49 > 6 * 2^3 = 48
+    assert torch.equal(w.grad, want)
+    assert 0 < (want == 0).sum() < 20  # floor mode clips a few large elements, not many
+
+
+def test_cache_per_weight_version():
+    model = tiny_llama().train()
+    h = aqn_rs.quantize_model(model, aqn_rs.Mxfp4Quantizer())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = ids()
+    for _ in range(3):  # three micro-batches, one optimizer step
+        model(x, labels=x).loss.backward()
+    assert h.cache_stats() == {"hits": 2 * 14, "misses": 14}
+    opt.step()
+    with torch.no_grad():
+        y1 = model(x).logits
+    assert h.cache_stats()["misses"] == 2 * 14  # the step bumped every weight's version
+    h.remove()
+    with torch.no_grad():
+        want = manual_reference(model, "mxfp4")(x).logits
+    assert torch.equal(bits(y1), bits(want))
+
+
+def test_remove_restores_exact_behaviour():
+    model = tiny_llama()
+    x = ids()
+    plain = model(x).logits
+    h = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer(), injection_point="both")
+    assert not torch.equal(model(x).logits, plain)
+    h.remove()
+    assert torch.equal(bits(model(x).logits), bits(plain))
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_activation_injection_quantizes_linear_inputs():
+    lin = torch.nn.Linear(48, 8)
+    seq = torch.nn.Sequential(lin)
+    x = torch.randn(3, 48)
+    h = aqn_rs.quantize_model(seq, aqn_rs.Mxfp4Quantizer(), injection_point="activation", exclude=())
+    want = torch.nn.functional.linear(ref.mxfp4_fake_quant(x), lin.weight, lin.bias)
+    assert torch.equal(seq(x), want)
+    h.remove()
+    h = aqn_rs.quantize_model(seq, aqn_rs.Mxfp4Quantizer(), injection_point="both", exclude=())
+    want = torch.nn.functional.linear(ref.mxfp4_fake_quant(x), ref.mxfp4_fake_quant(lin.weight), lin.bias)
+    assert torch.equal(seq(x), want)
+
+
+def test_tied_embeddings_and_include_patterns():
+    model = tiny_llama(tie=True)
+    h = aqn_rs.quantize_model(model, aqn_rs.Mxfp4Quantizer(), include=["re:.*mlp.*"])
+    assert sorted(h.modules) == sorted(f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_bad_arguments():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="injection_point"):
+        aqn_rs.quantize_model(model, aqn_rs.Mxfp4Quantizer(), injection_point="input")
+    with pytest.raises(ValueError, match="ste"):
+        aqn_rs.quantize_model(model, aqn_rs.Mxfp4Quantizer(), ste="smooth")
+    with pytest.raises(TypeError, match="quantizer"):
+        aqn_rs.quantize_model(model, "mxfp4")
+    with pytest.raises(ValueError, match="rmsnorm|AqnNoise"):
+        aqn_rs.quantize_model(model, aqn_rs.Mxfp4Quantizer(), layer_types=("rmsnorm",))
+    h = aqn_rs.quantize_model(model, aqn_rs.Mxfp4Quantizer())
+    with pytest.raises(ValueError, match="already"):
+        aqn_rs.quantize_model(model, aqn_rs.Mxfp4Quantizer())
+    h.remove()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = tiny_llama()
+    x = ids()
+    h = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer())
+    eager = model(x).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(x).logits
+    assert torch.equal(bits(got), bits(eager))
+    h.remove()
