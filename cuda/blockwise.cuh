@@ -1,0 +1,315 @@
+// The block engine behind every FP4 kernel, mirroring crates/aqn-core/src/blockwise.rs: per
+// block, take the amax, derive the block's scale from a Rule, then encode (and for fake quant,
+// decode) every element. MXFP4 (mxfp4.cu) and NVFP4 (nvfp4.cu) differ only in their Rule:
+//
+//   struct Rule {
+//     static constexpr int BLOCK;          // block size along the last dimension
+//     static constexpr uint32_t NAN_BYTE;  // scale byte of a block holding NaN or Inf
+//     Scale scale(float amax) const;       // scale of a block with finite amax
+//     float scaled(float x, Scale) const;  // the value handed to the E2M1 rounding
+//     bool dec_from_byte(uint32_t, float& dec) const;  // false for a NaN scale
+//   };
+//
+// Two shapes of each kernel:
+// - `*_vec`: the tensor viewed as a flat run of blocks (needs k % BLOCK == 0 and 16-byte
+//   aligned element pointers; src/cuda.rs checks). Each thread owns 16-byte vectors (EPV
+//   elements), BLOCK / EPV consecutive lanes share one block and combine their amax with
+//   shuffles; loads and stores are 16 bytes wide and coalesced across the warp; U vectors per
+//   thread are loaded before the first is used, to keep enough bytes in flight.
+// - `*_scalar`: any k (short tail blocks), any alignment: one thread per block, row aware.
+// All indices are 64-bit (tensors above 2^31 elements).
+#pragma once
+
+#include "fp4_common.cuh"
+
+namespace aqn {
+
+struct Scale {
+    float enc;      // encode-direction factor (MX: 2^-e; unused by NVFP4)
+    float dec;      // decode-direction scale: element = grid value * dec
+    uint32_t byte;  // the stored scale byte
+};
+
+constexpr int VEC_THREADS = 256;  // block size of the *_vec and *_scalar kernels
+constexpr int VEC_UNROLL = 4;     // 16-byte vectors per thread per iteration
+
+// Fake-quantized value of one finite element f of a block with scale s: the E2M1 grid value
+// of |scaled(f)| times dec, with f's sign (decode(code) * dec in blockwise.rs; the code's sign
+// is the sign of scaled(f), which is f's: the scale is positive).
+template <typename Rule>
+__device__ __forceinline__ float fake_quant_elem(float f, const Scale& s, const Rule& rule) {
+    float q = e2m1_round(fabsf(rule.scaled(f, s)));
+    return u2f(f2u(__fmul_rn(q, s.dec)) | (f2u(f) & 0x80000000u));
+}
+
+// E2M1 code (sign << 3 | index) of one finite element.
+template <typename Rule>
+__device__ __forceinline__ uint32_t quantize_elem(float f, const Scale& s, const Rule& rule) {
+    float q = e2m1_round(fabsf(rule.scaled(f, s)));
+    return e2m1_index(q) | ((f2u(f) >> 31) << 3);
+}
+
+// Dequantized value of a 4-bit code with decode scale dec.
+__device__ __forceinline__ float dequantize_elem(uint32_t code, float dec) {
+    float v = __fmul_rn(e2m1_magnitude(code & 7u), dec);
+    return u2f(f2u(v) | ((code & 8u) << 28));
+}
+
+// max over the TPB consecutive lanes that share a block (TPB a power of two <= 32).
+template <int TPB>
+__device__ __forceinline__ uint32_t group_max(uint32_t m) {
+#pragma unroll
+    for (int o = 1; o < TPB; o <<= 1) m = max(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+    return m;
+}
+
+// ---------------------------------------------------------------------------------------
+// Vector kernels (flat run of whole blocks).
+
+template <typename T, typename Rule>
+__device__ __forceinline__ void fake_quant_vec(const Args& a, const Rule& rule) {
+    using D = Dtype<T>;
+    constexpr int EPV = D::EPV;
+    constexpr int TPB = Rule::BLOCK / EPV;
+    constexpr int U = VEC_UNROLL;
+    const uint4* __restrict__ x = static_cast<const uint4*>(a.x);
+    uint4* __restrict__ out = static_cast<uint4*>(a.out);
+    const long long n_vec = a.rows * a.k / EPV;
+    const long long stride = (long long)gridDim.x * blockDim.x * U;
+    // `base` is uniform over the CTA, so every lane reaches the shuffles.
+    for (long long base = (long long)blockIdx.x * blockDim.x * U; base < n_vec; base += stride) {
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            v[u] = i < n_vec ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
+            if (i >= n_vec) continue;  // whole groups are out together (n_vec % TPB == 0)
+            if (m >= NON_FINITE_ABS_BITS) {
+                out[i] = D::nan_vec();
+                continue;
+            }
+            Scale s = rule.scale(u2f(m));
+            float f[EPV];
+            D::unpack(v[u], f);
+#pragma unroll
+            for (int e = 0; e < EPV; ++e) f[e] = fake_quant_elem(f[e], s, rule);
+            out[i] = D::pack(f);
+        }
+    }
+}
+
+template <typename T, typename Rule>
+__device__ __forceinline__ void quantize_vec(const Args& a, const Rule& rule) {
+    using D = Dtype<T>;
+    constexpr int EPV = D::EPV;
+    constexpr int TPB = Rule::BLOCK / EPV;
+    constexpr int U = VEC_UNROLL;
+    const uint4* __restrict__ x = static_cast<const uint4*>(a.x);
+    const long long n_vec = a.rows * a.k / EPV;
+    const long long stride = (long long)gridDim.x * blockDim.x * U;
+    for (long long base = (long long)blockIdx.x * blockDim.x * U; base < n_vec; base += stride) {
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            v[u] = i < n_vec ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
+            if (i >= n_vec) continue;
+            uint32_t packed = 0, byte;
+            if (m >= NON_FINITE_ABS_BITS) {
+                byte = Rule::NAN_BYTE;  // codes stay 0
+            } else {
+                Scale s = rule.scale(u2f(m));
+                byte = s.byte;
+                float f[EPV];
+                D::unpack(v[u], f);
+#pragma unroll
+                for (int e = 0; e < EPV; ++e) packed |= quantize_elem(f[e], s, rule) << (4 * e);
+            }
+            // EPV codes = EPV / 2 bytes: element 2j in the low nibble of byte j.
+            if (EPV == 8) {
+                reinterpret_cast<uint32_t*>(a.codes)[i] = packed;
+            } else {
+                reinterpret_cast<uint16_t*>(a.codes)[i] = uint16_t(packed);
+            }
+            if (threadIdx.x % TPB == 0) a.scales[i / TPB] = uint8_t(byte);
+        }
+    }
+}
+
+template <typename T, typename Rule>
+__device__ __forceinline__ void dequantize_vec(const Args& a, const Rule& rule) {
+    using D = Dtype<T>;
+    constexpr int EPV = D::EPV;
+    constexpr int TPB = Rule::BLOCK / EPV;
+    constexpr int U = VEC_UNROLL;
+    uint4* __restrict__ out = static_cast<uint4*>(a.out);
+    const long long n_vec = a.rows * a.k / EPV;
+    const long long stride = (long long)gridDim.x * blockDim.x * U;
+    for (long long base = (long long)blockIdx.x * blockDim.x * U; base < n_vec; base += stride) {
+        uint32_t c[U], b[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            if (i < n_vec) {
+                c[u] = EPV == 8 ? __ldg(reinterpret_cast<const uint32_t*>(a.codes) + i)
+                                : uint32_t(__ldg(reinterpret_cast<const uint16_t*>(a.codes) + i));
+                b[u] = __ldg(a.scales + i / TPB);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            if (i >= n_vec) continue;
+            float dec;
+            if (!rule.dec_from_byte(b[u], dec)) {
+                out[i] = D::nan_vec();
+                continue;
+            }
+            float f[EPV];
+#pragma unroll
+            for (int e = 0; e < EPV; ++e) f[e] = dequantize_elem(c[u] >> (4 * e), dec);
+            out[i] = D::pack(f);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scalar kernels: any k, one thread per block of a row.
+
+struct BlockPos {
+    long long row, start;  // row index, first element of the block (flat)
+    long long cb;          // block index within the row
+    int len;               // real elements in the block (short tail block: < BLOCK)
+};
+
+template <int BLOCK>
+__device__ __forceinline__ BlockPos block_pos(const Args& a, long long nb, long long j) {
+    BlockPos p;
+    p.row = j / nb;
+    p.cb = j - p.row * nb;
+    p.start = p.row * a.k + p.cb * BLOCK;
+    long long rest = a.k - p.cb * BLOCK;
+    p.len = rest < BLOCK ? int(rest) : BLOCK;
+    return p;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t scalar_block_amax(const Args& a, const BlockPos& p) {
+    uint32_t m = 0;
+    for (int e = 0; e < p.len; ++e)
+        m = max(m, f2u(Dtype<T>::load_scalar(a.x, p.start + e)) & 0x7FFFFFFFu);
+    return m;
+}
+
+template <typename T, typename Rule>
+__device__ __forceinline__ void fake_quant_scalar(const Args& a, const Rule& rule) {
+    using D = Dtype<T>;
+    const long long nb = (a.k + Rule::BLOCK - 1) / Rule::BLOCK;
+    const long long total = a.rows * nb;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < total;
+         j += (long long)gridDim.x * blockDim.x) {
+        BlockPos p = block_pos<Rule::BLOCK>(a, nb, j);
+        uint32_t m = scalar_block_amax<T>(a, p);
+        if (m >= NON_FINITE_ABS_BITS) {
+            for (int e = 0; e < p.len; ++e) D::store_nan(a.out, p.start + e);
+            continue;
+        }
+        Scale s = rule.scale(u2f(m));
+        for (int e = 0; e < p.len; ++e) {
+            float f = D::load_scalar(a.x, p.start + e);
+            D::store_scalar(a.out, p.start + e, fake_quant_elem(f, s, rule));
+        }
+    }
+}
+
+template <typename T, typename Rule>
+__device__ __forceinline__ void quantize_scalar(const Args& a, const Rule& rule) {
+    using D = Dtype<T>;
+    const long long nb = (a.k + Rule::BLOCK - 1) / Rule::BLOCK;
+    const long long pk = (a.k + 1) / 2;  // packed bytes per row
+    const long long total = a.rows * nb;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < total;
+         j += (long long)gridDim.x * blockDim.x) {
+        BlockPos p = block_pos<Rule::BLOCK>(a, nb, j);
+        // Blocks have even length, so block cb's codes start at byte cb * BLOCK / 2.
+        uint8_t* codes = a.codes + p.row * pk + p.cb * (Rule::BLOCK / 2);
+        uint32_t m = scalar_block_amax<T>(a, p);
+        if (m >= NON_FINITE_ABS_BITS) {
+            a.scales[j] = uint8_t(Rule::NAN_BYTE);
+            for (int e = 0; e < p.len; e += 2) codes[e / 2] = 0;
+            continue;
+        }
+        Scale s = rule.scale(u2f(m));
+        a.scales[j] = uint8_t(s.byte);
+        for (int e = 0; e < p.len; e += 2) {
+            uint32_t lo = quantize_elem(D::load_scalar(a.x, p.start + e), s, rule);
+            uint32_t hi =
+                e + 1 < p.len ? quantize_elem(D::load_scalar(a.x, p.start + e + 1), s, rule) : 0;
+            codes[e / 2] = uint8_t(lo | (hi << 4));
+        }
+    }
+}
+
+template <typename T, typename Rule>
+__device__ __forceinline__ void dequantize_scalar(const Args& a, const Rule& rule) {
+    using D = Dtype<T>;
+    const long long nb = (a.k + Rule::BLOCK - 1) / Rule::BLOCK;
+    const long long pk = (a.k + 1) / 2;
+    const long long total = a.rows * nb;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < total;
+         j += (long long)gridDim.x * blockDim.x) {
+        BlockPos p = block_pos<Rule::BLOCK>(a, nb, j);
+        const uint8_t* codes = a.codes + p.row * pk + p.cb * (Rule::BLOCK / 2);
+        float dec;
+        if (!rule.dec_from_byte(a.scales[j], dec)) {
+            for (int e = 0; e < p.len; ++e) D::store_nan(a.out, p.start + e);
+            continue;
+        }
+        for (int e = 0; e < p.len; ++e) {
+            uint32_t code = codes[e / 2] >> ((e & 1) * 4);
+            D::store_scalar(a.out, p.start + e, dequantize_elem(code, dec));
+        }
+    }
+}
+
+}  // namespace aqn
+
+// One set of entry points per (format, dtype): extern "C" names `<op>_<format>_<dtype>`
+// (vector kernels) and `<op>_<format>_<dtype>_scalar` (any k). RULE and DEQ_RULE are
+// expressions building the format's rule from `a` for the encode and the decode direction
+// (they may use shared memory and __syncthreads: they run first, in every thread).
+#define AQN_FP4_KERNELS(FMT, T, DT, RULE, DEQ_RULE)                                                     \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
+        fake_quant_##FMT##_##DT(const aqn::Args a) {                                         \
+        aqn::fake_quant_vec<T>(a, RULE);                                                     \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
+        quantize_##FMT##_##DT(const aqn::Args a) {                                           \
+        aqn::quantize_vec<T>(a, RULE);                                                       \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
+        dequantize_##FMT##_##DT(const aqn::Args a) {                                         \
+        aqn::dequantize_vec<T>(a, DEQ_RULE);                                               \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
+        fake_quant_##FMT##_##DT##_scalar(const aqn::Args a) {                                \
+        aqn::fake_quant_scalar<T>(a, RULE);                                                  \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
+        quantize_##FMT##_##DT##_scalar(const aqn::Args a) {                                  \
+        aqn::quantize_scalar<T>(a, RULE);                                                    \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
+        dequantize_##FMT##_##DT##_scalar(const aqn::Args a) {                                \
+        aqn::dequantize_scalar<T>(a, DEQ_RULE);                                            \
+    }

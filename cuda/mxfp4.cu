@@ -1,0 +1,70 @@
+// MXFP4 (OCP Microscaling v1.0): blocks of 32 E2M1 elements sharing one E8M0 scale.
+// docs/FORMATS.md "MXFP4"; mirrors crates/aqn-core/src/mxfp4.rs.
+#include "blockwise.cuh"
+
+namespace aqn {
+
+// Scale modes, numbered as src/cuda.rs passes them (Args::mode).
+enum MxMode : int { MX_FLOOR = 0, MX_RCEIL = 1, MX_EVEN = 2, MX_CEIL = 3 };
+
+// Exact ceil(log2(d)) for a positive finite f32 (subnormals included); -127 for 0.
+__device__ __forceinline__ int ceil_log2(float d) {
+    uint32_t b = f2u(d) & 0x7FFFFFFFu;
+    int ef = int(b >> 23);
+    uint32_t m = b & 0x7FFFFFu;
+    if (ef != 0) return ef - 127 + (m != 0);
+    if (m == 0) return -E8M0_BIAS;
+    int top = 31 - __clz(m);  // position of the leading bit, 0..22
+    return -149 + top + ((m & (m - 1)) != 0);
+}
+
+// The unbiased shared exponent of a block with finite amax, clamped to [-127, 127].
+__device__ __forceinline__ int shared_exponent(float amax, int mode) {
+    int e;
+    switch (mode) {
+        case MX_RCEIL:
+            e = ceil_log2(__fdiv_rn(amax, F4_E2M1_MAX));
+            break;
+        case MX_EVEN: {
+            // Add half an E2M1 ulp (mantissa bit 21) and drop the mantissa: torchao EVEN.
+            float rounded = u2f((f2u(amax) + (1u << 21)) & 0xFF800000u);
+            e = raw_exponent(rounded) - F4_E2M1_MAX_POW2;
+            break;
+        }
+        case MX_CEIL:
+            e = raw_exponent(amax) + ((f2u(amax) & 0x7FFFFFu) != 0) - F4_E2M1_MAX_POW2;
+            break;
+        default:  // MX_FLOOR: the OCP spec
+            e = raw_exponent(amax) - F4_E2M1_MAX_POW2;
+            break;
+    }
+    return min(max(e, -E8M0_BIAS), E8M0_BIAS);
+}
+
+struct MxRule {
+    static constexpr int BLOCK = 32;
+    static constexpr uint32_t NAN_BYTE = E8M0_NAN;
+    int mode;
+
+    __device__ __forceinline__ Scale scale(float amax) const {
+        int e = shared_exponent(amax, mode);
+        return Scale{pow2(-e), pow2(e), uint32_t(e + E8M0_BIAS)};
+    }
+    // x * 2^-e rounds exactly like x / 2^e (same real number), see FORMATS.md.
+    __device__ __forceinline__ float scaled(float x, const Scale& s) const {
+        return __fmul_rn(x, s.enc);
+    }
+    __device__ __forceinline__ bool dec_from_byte(uint32_t b, float& dec) const {
+        if (b == E8M0_NAN) return false;
+        dec = e8m0_decode_finite(b);
+        return true;
+    }
+};
+
+__device__ __forceinline__ MxRule mx_rule(const Args& a) { return MxRule{a.mode}; }
+
+}  // namespace aqn
+
+AQN_FP4_KERNELS(mxfp4, float, f32, aqn::mx_rule(a), aqn::mx_rule(a))
+AQN_FP4_KERNELS(mxfp4, __nv_bfloat16, bf16, aqn::mx_rule(a), aqn::mx_rule(a))
+AQN_FP4_KERNELS(mxfp4, __half, f16, aqn::mx_rule(a), aqn::mx_rule(a))

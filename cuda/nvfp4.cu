@@ -1,0 +1,139 @@
+// NVFP4: blocks of 16 E2M1 elements with an E4M3 block scale and an f32 per-tensor global
+// scale, by the compressed-tensors / vLLM checkpoint convention. docs/FORMATS.md "NVFP4";
+// mirrors crates/aqn-core/src/nvfp4.rs. Also the per-tensor amax reduction.
+//
+// The tensor amax never visits the host: `amax_partials_<dtype>` writes one f32 per CTA
+// (max |x|, NaN if the CTA saw a NaN), and every CTA of the quantizing kernel folds those
+// partials (a few hundred floats, L2 resident) into the amax itself before it starts, so
+// there is no host sync and no counter to reset (CUDA-graph safe, any stream). A given amax
+// (a device f32, or a host value passed by value) skips the reduction.
+#include "blockwise.cuh"
+
+namespace aqn {
+
+constexpr int AMAX_THREADS = 512;  // block size of amax_partials_*
+constexpr int AMAX_UNROLL = 4;
+
+// Encode-direction global scale (nvfp4.rs `global_scale`): (1 / max(A, tiny)) * 2688,
+// reciprocal first as torch evaluates `2688 / tensor`; 1.0 for NaN or a non-finite/zero result.
+__device__ __forceinline__ float global_scale(float amax) {
+    if (isnan(amax)) return 1.0f;
+    float g = __fmul_rn(__fdiv_rn(1.0f, fmaxf(amax, F32_MIN_NORMAL)), NVFP4_GS_NUMERATOR);
+    return (isfinite(g) && g > 0.0f) ? g : 1.0f;
+}
+
+struct NvRule {
+    static constexpr int BLOCK = 16;
+    static constexpr uint32_t NAN_BYTE = E4M3_NAN;
+    float gs;    // encode-direction global scale
+    bool valid;  // decode direction: a global scale that is not finite positive gives NaN
+
+    __device__ __forceinline__ Scale scale(float amax) const {
+        uint32_t byte = e4m3_encode(__fmul_rn(gs, __fdiv_rn(amax, F4_E2M1_MAX)));
+        if (byte == 0) byte = E4M3_EPS_CODE;  // compressed-tensors' eps for a zero scale
+        return Scale{0.0f, __fdiv_rn(e4m3_decode(byte), gs), byte};
+    }
+    // clamp(x / d, -6, 6) in the rule; e2m1_round saturates, so the clamp is implicit.
+    __device__ __forceinline__ float scaled(float x, const Scale& s) const {
+        return __fdiv_rn(x, s.dec);
+    }
+    __device__ __forceinline__ bool dec_from_byte(uint32_t b, float& dec) const {
+        float s = e4m3_decode(b);
+        if (!valid || isnan(s)) return false;
+        dec = __fdiv_rn(s, gs);
+        return true;
+    }
+};
+
+// The tensor amax of this launch: the host value (n_amax == 0), the given device value
+// (n_amax == 1, used as is), or the fold of n_amax partials (non-negative or NaN, so their
+// bits order like their values). Uniform over the CTA.
+__device__ __forceinline__ float launch_amax(const Args& a) {
+    if (a.n_amax == 0) return a.amax_value;
+    if (a.n_amax == 1) return __ldg(a.amax_src);
+    __shared__ uint32_t s_bits;
+    if (threadIdx.x < 32) {
+        uint32_t m = 0;
+        for (int i = threadIdx.x; i < a.n_amax; i += 32) m = max(m, f2u(__ldg(a.amax_src + i)));
+        m = group_max<32>(m);
+        if (threadIdx.x == 0) s_bits = m;
+    }
+    __syncthreads();
+    return amax_from_bits(s_bits);
+}
+
+__device__ __forceinline__ NvRule nv_rule(const Args& a) {
+    float gs = global_scale(launch_amax(a));
+    if (a.gs_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.gs_out = gs;
+    return NvRule{gs, true};
+}
+
+__device__ __forceinline__ NvRule nv_dequant_rule(const Args& a) {
+    float gs = a.gs_src != nullptr ? __ldg(a.gs_src) : a.gs_value;
+    return NvRule{gs, isfinite(gs) && gs > 0.0f};
+}
+
+// Per-CTA max |x| over a flat tensor of rows * k elements; out[blockIdx.x] = the CTA's amax.
+template <typename T>
+__device__ __forceinline__ void amax_partials(const Args& a) {
+    using D = Dtype<T>;
+    constexpr int EPV = D::EPV;
+    const long long n = a.rows * a.k;
+    const char* p = static_cast<const char*>(a.x);
+    // Elements before the first 16-byte boundary go one by one, and so do the last n % EPV.
+    long long head = (long long)(((16u - (uintptr_t(p) & 15u)) & 15u) / sizeof(T));
+    head = head < n ? head : n;
+    const long long n_vec = (n - head) / EPV;
+    const long long tail = head + n_vec * EPV;
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long nthreads = (long long)gridDim.x * blockDim.x;
+    uint32_t m = 0;
+    for (long long i = tid; i < head; i += nthreads)
+        m = max(m, f2u(D::load_scalar(a.x, i)) & 0x7FFFFFFFu);
+    for (long long i = tail + tid; i < n; i += nthreads)
+        m = max(m, f2u(D::load_scalar(a.x, i)) & 0x7FFFFFFFu);
+    const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(p + head * sizeof(T));
+    for (long long base = (long long)blockIdx.x * blockDim.x * AMAX_UNROLL; base < n_vec;
+         base += nthreads * AMAX_UNROLL) {
+        uint4 v[AMAX_UNROLL];
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) {
+            long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            v[u] = i < n_vec ? __ldg(xv + i) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) m = max(m, D::absmax_bits(v[u]));
+    }
+    __shared__ uint32_t s_warp[AMAX_THREADS / 32];
+    m = group_max<32>(m);
+    if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x / 32] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        m = threadIdx.x < blockDim.x / 32 ? s_warp[threadIdx.x] : 0;
+        m = group_max<32>(m);
+        if (threadIdx.x == 0) static_cast<float*>(a.out)[blockIdx.x] = amax_from_bits(m);
+    }
+}
+
+}  // namespace aqn
+
+AQN_FP4_KERNELS(nvfp4, float, f32, aqn::nv_rule(a), aqn::nv_dequant_rule(a))
+AQN_FP4_KERNELS(nvfp4, __nv_bfloat16, bf16, aqn::nv_rule(a), aqn::nv_dequant_rule(a))
+AQN_FP4_KERNELS(nvfp4, __half, f16, aqn::nv_rule(a), aqn::nv_dequant_rule(a))
+
+#define AQN_AMAX_KERNEL(T, DT)                                                      \
+    extern "C" __global__ void __launch_bounds__(aqn::AMAX_THREADS)                \
+        amax_partials_##DT(const aqn::Args a) {                                    \
+        aqn::amax_partials<T>(a);                                                  \
+    }
+AQN_AMAX_KERNEL(float, f32)
+AQN_AMAX_KERNEL(__nv_bfloat16, bf16)
+AQN_AMAX_KERNEL(__half, f16)
+
+// Folds n_amax partials into out[0] (0 for none): the `amax` op's second launch. One warp.
+extern "C" __global__ void __launch_bounds__(32) amax_finalize(const aqn::Args a) {
+    uint32_t m = 0;
+    for (int i = threadIdx.x; i < a.n_amax; i += 32) m = max(m, aqn::f2u(a.amax_src[i]));
+    m = aqn::group_max<32>(m);
+    if (threadIdx.x == 0) static_cast<float*>(a.out)[0] = aqn::amax_from_bits(m);
+}

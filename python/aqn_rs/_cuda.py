@@ -1,0 +1,196 @@
+"""CUDA path of the quantizers: allocates outputs with torch on the input's device and
+launches the kernels of `cuda/` (through `_aqn_rs.cuda_*`) on torch's current stream for that
+device. No host synchronisation anywhere, so calls order with torch work and can be captured
+in a CUDA graph (call once before capturing: the first call on a device loads the kernels).
+
+`quantizers.py` validates its inputs first; the checks here are the cheap ones that keep a
+wrong call from reaching the driver (the Rust side validates every pointer again). Keep this
+file lean: it is the per-call Python overhead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+from . import _aqn_rs as _rs
+
+_BLOCK = {"mxfp4": 32, "nvfp4": 16}
+_AMAX_SCRATCH = int(getattr(_rs, "CUDA_AMAX_SCRATCH", 1024))
+
+_available: Optional[bool] = None
+_dtags: Optional[dict] = None  # torch dtype -> "f32" / "bf16" / "f16"
+_raw_stream = None  # torch._C._cuda_getCurrentRawStream(device_index) -> int
+
+
+def _init() -> None:
+    global _dtags, _raw_stream
+    import torch
+
+    _dtags = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+    _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+        lambda d: torch.cuda.current_stream(d).cuda_stream
+    )
+
+
+def available() -> bool:
+    """Kernels compiled in, a CUDA driver loadable, a device visible, and torch with CUDA."""
+    global _available
+    if _available is None:
+        ok = bool(_rs.cuda_built()) and bool(_rs.cuda_available())
+        if ok:
+            try:
+                import torch
+
+                ok = torch.cuda.is_available()
+            except ImportError:
+                ok = False
+        _available = ok
+    return _available
+
+
+def build_archs() -> List[str]:
+    """SASS/PTX targets embedded in this build, e.g. ["sm_80", ..., "compute_80"]; [] if CPU-only."""
+    return list(_rs.cuda_build_archs())
+
+
+def _check(x: Any, what: str = "x") -> Tuple[str, int]:
+    """(dtype tag, device index) of a contiguous CUDA tensor of a supported dtype."""
+    if _dtags is None:
+        _init()
+    tag = _dtags.get(x.dtype)
+    if tag is None:
+        raise TypeError(
+            f"{what}: unsupported dtype {x.dtype}; expected float32, bfloat16 or float16"
+        )
+    dev = x.get_device()
+    if dev < 0:
+        raise ValueError(f"{what} is a CPU tensor; the CUDA path needs a CUDA tensor")
+    if not x.is_contiguous():
+        raise ValueError(f"{what} must be contiguous; call .contiguous() first")
+    return tag, dev
+
+
+def _rows_k(shape) -> Tuple[int, int]:
+    if len(shape) == 0:
+        raise ValueError("a 0-d tensor has no last dimension to block; reshape it to [1] first")
+    k = int(shape[-1])
+    rows = 1
+    for d in shape[:-1]:
+        rows *= int(d)
+    return rows, k
+
+
+def _amax_args(amax: Any, x: Any, dev: int):
+    """(amax_ptr, amax_value, scratch, keepalive) for the NVFP4 amax source."""
+    import torch
+
+    if amax is None:
+        s = torch.empty(_AMAX_SCRATCH, dtype=torch.float32, device=x.device)
+        return 0, None, s.data_ptr(), s
+    if isinstance(amax, torch.Tensor):
+        if amax.numel() != 1:
+            raise ValueError(f"amax must be a scalar (0-d or 1-element) tensor, got shape {tuple(amax.shape)}")
+        a = amax.to(device=x.device, dtype=torch.float32, non_blocking=True)
+        return a.data_ptr(), None, 0, a
+    return 0, float(amax), 0, None
+
+
+def amax(x: Any):
+    """Max |x| as a 0-d float32 tensor on x's device (NaN if any NaN, 0 for empty); no sync."""
+    import torch
+
+    tag, dev = _check(x)
+    out = torch.empty((), dtype=torch.float32, device=x.device)
+    s = torch.empty(_AMAX_SCRATCH, dtype=torch.float32, device=x.device)
+    _rs.cuda_amax(tag, dev, _raw_stream(dev), x.data_ptr(), x.numel(), s.data_ptr(), out.data_ptr())
+    return out
+
+
+def fake_quant(x: Any, fmt: str, scale_mode: str, amax: Any = None):
+    """Quantize-dequantize x ("mxfp4" with scale_mode, or "nvfp4" with an optional amax:
+    None computes it on the device, a float or a 0-d tensor on any device is used as is).
+    Returns a new tensor like x."""
+    import torch
+
+    tag, dev = _check(x)
+    rows, k = _rows_k(x.shape)
+    out = torch.empty_like(x)
+    if fmt == "nvfp4":
+        ap, av, sp, _keep = _amax_args(amax, x, dev)
+    else:
+        ap, av, sp = 0, None, 0
+    _rs.cuda_fake_quant(
+        fmt, scale_mode, tag, dev, _raw_stream(dev), x.data_ptr(), out.data_ptr(), rows, k, ap, av, sp
+    )
+    return out
+
+
+def quantize(x: Any, fmt: str, scale_mode: str, amax: Any = None):
+    """Packed codes uint8 [..., ceil(K/2)], scale bytes uint8 [..., ceil(K/B)] and, for NVFP4,
+    the global scale as a 0-d float32 tensor on the device (None for MXFP4)."""
+    import torch
+
+    tag, dev = _check(x)
+    shape = tuple(x.shape)
+    rows, k = _rows_k(shape)
+    b = _BLOCK.get(fmt)
+    if b is None:
+        raise ValueError(f"unknown format {fmt!r}; expected 'mxfp4' or 'nvfp4'")
+    lead = shape[:-1]
+    codes = torch.empty(lead + ((k + 1) // 2,), dtype=torch.uint8, device=x.device)
+    scales = torch.empty(lead + ((k + b - 1) // b,), dtype=torch.uint8, device=x.device)
+    if fmt == "nvfp4":
+        gs = torch.empty((), dtype=torch.float32, device=x.device)
+        ap, av, sp, _keep = _amax_args(amax, x, dev)
+        gp = gs.data_ptr()
+    else:
+        gs, ap, av, sp, gp = None, 0, None, 0, 0
+    _rs.cuda_quantize(
+        fmt, scale_mode, tag, dev, _raw_stream(dev), x.data_ptr(), codes.data_ptr(),
+        scales.data_ptr(), gp, rows, k, ap, av, sp,
+    )
+    return codes, scales, gs
+
+
+def dequantize(codes: Any, scales: Any, global_scale: Any, shape, fmt: str, dtype: Any):
+    """Tensor of `shape` and `dtype` on codes' device from packed codes and scale bytes
+    (NVFP4: global_scale a float or a 0-d tensor, as quantize returned it)."""
+    import torch
+
+    if _dtags is None:
+        _init()
+    tag = _dtags.get(dtype)
+    if tag is None:
+        raise TypeError(f"unsupported output dtype {dtype}; expected float32, bfloat16 or float16")
+    b = _BLOCK.get(fmt)
+    if b is None:
+        raise ValueError(f"unknown format {fmt!r}; expected 'mxfp4' or 'nvfp4'")
+    shape = tuple(int(d) for d in shape)
+    rows, k = _rows_k(shape)
+    dev = codes.get_device()
+    for name, t, n in (("codes", codes, rows * ((k + 1) // 2)), ("scales", scales, rows * ((k + b - 1) // b))):
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{name} must be uint8, got {t.dtype}")
+        if t.get_device() != dev or dev < 0:
+            raise ValueError(f"codes and scales must be CUDA tensors on one device ({codes.device}, {scales.device})")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if t.numel() != n:
+            raise ValueError(f"{name} has {t.numel()} bytes; shape {shape} with {fmt} needs {n}")
+    out = torch.empty(shape, dtype=dtype, device=codes.device)
+    gp, gv, _keep = 0, None, None
+    if fmt == "nvfp4":
+        if global_scale is None:
+            raise ValueError("NVFP4 dequantize needs a global_scale")
+        if isinstance(global_scale, torch.Tensor):
+            if global_scale.numel() != 1:
+                raise ValueError("global_scale must be a scalar tensor")
+            _keep = global_scale.to(device=codes.device, dtype=torch.float32, non_blocking=True)
+            gp = _keep.data_ptr()
+        else:
+            gv = float(global_scale)
+    _rs.cuda_dequantize(
+        fmt, tag, dev, _raw_stream(dev), codes.data_ptr(), scales.data_ptr(), gp, gv,
+        out.data_ptr(), rows, k,
+    )
+    return out
