@@ -15,7 +15,10 @@ pub mod error;
 pub mod formats;
 pub mod layout;
 pub mod mxfp4;
+pub mod noise;
 pub mod nvfp4;
+pub mod schedule;
+pub mod selector;
 
 pub use element::Element;
 pub use error::{Error, Result};
