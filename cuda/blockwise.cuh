@@ -49,10 +49,22 @@ __device__ __forceinline__ uint32_t quantize_elem(float f, const Scale& s, const
     return e2m1_index(q) | ((f2u(f) >> 31) << 3);
 }
 
-// Dequantized value of a 4-bit code with decode scale dec.
+// Dequantized value of a 4-bit code with decode scale dec: decode(code) * dec. The code's
+// sign flips the product's sign (XOR, not OR: a stored NVFP4 scale byte may be negative).
 __device__ __forceinline__ float dequantize_elem(uint32_t code, float dec) {
     float v = __fmul_rn(e2m1_magnitude(code & 7u), dec);
-    return u2f(f2u(v) | ((code & 8u) << 28));
+    return u2f(f2u(v) ^ ((code & 8u) << 28));
+}
+
+// Vector index of the u-th vector of this thread in iteration `base`. With `reverse` the
+// tensor is walked from its end: right after the amax pass, whose last reads are the end
+// of the tensor, those lines are still in L2. Groups of TPB lanes stay aligned to blocks
+// (n_vec is a multiple of TPB).
+__device__ __forceinline__ long long vec_index(long long base, int u, long long n_vec,
+                                                bool reverse, bool& in_range) {
+    long long i = base + (long long)u * blockDim.x + threadIdx.x;
+    in_range = i < n_vec;
+    return reverse ? n_vec - 1 - i : i;
 }
 
 // max over the TPB consecutive lanes that share a block (TPB a power of two <= 32).
@@ -76,19 +88,22 @@ __device__ __forceinline__ void fake_quant_vec(const Args& a, const Rule& rule) 
     uint4* __restrict__ out = static_cast<uint4*>(a.out);
     const long long n_vec = a.rows * a.k / EPV;
     const long long stride = (long long)gridDim.x * blockDim.x * U;
+    const bool reverse = (a.flags & FLAG_REVERSE) != 0;
     // `base` is uniform over the CTA, so every lane reaches the shuffles.
     for (long long base = (long long)blockIdx.x * blockDim.x * U; base < n_vec; base += stride) {
         uint4 v[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            long long i = base + (long long)u * blockDim.x + threadIdx.x;
-            v[u] = i < n_vec ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
+            bool ok;
+            long long i = vec_index(base, u, n_vec, reverse, ok);
+            v[u] = ok ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            bool ok;
+            long long i = vec_index(base, u, n_vec, reverse, ok);
             uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
-            if (i >= n_vec) continue;  // whole groups are out together (n_vec % TPB == 0)
+            if (!ok) continue;  // whole groups are out together (n_vec % TPB == 0)
             if (m >= NON_FINITE_ABS_BITS) {
                 out[i] = D::nan_vec();
                 continue;
@@ -112,18 +127,21 @@ __device__ __forceinline__ void quantize_vec(const Args& a, const Rule& rule) {
     const uint4* __restrict__ x = static_cast<const uint4*>(a.x);
     const long long n_vec = a.rows * a.k / EPV;
     const long long stride = (long long)gridDim.x * blockDim.x * U;
+    const bool reverse = (a.flags & FLAG_REVERSE) != 0;
     for (long long base = (long long)blockIdx.x * blockDim.x * U; base < n_vec; base += stride) {
         uint4 v[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            long long i = base + (long long)u * blockDim.x + threadIdx.x;
-            v[u] = i < n_vec ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
+            bool ok;
+            long long i = vec_index(base, u, n_vec, reverse, ok);
+            v[u] = ok ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            bool ok;
+            long long i = vec_index(base, u, n_vec, reverse, ok);
             uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
-            if (i >= n_vec) continue;
+            if (!ok) continue;
             uint32_t packed = 0, byte;
             if (m >= NON_FINITE_ABS_BITS) {
                 byte = Rule::NAN_BYTE;  // codes stay 0

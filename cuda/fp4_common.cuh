@@ -31,7 +31,11 @@ struct Args {
     float amax_value;       // NVFP4: host-given amax (when n_amax == 0)
     float gs_value;         // NVFP4 dequantize: host-given global scale (when gs_src is null)
     int mode;               // MXFP4 scale mode: 0 floor, 1 rceil, 2 even, 3 ceil
+    int flags;              // FLAG_* below
 };
+
+// Walk the vectors from the end of the tensor (set after an amax pass: L2 still holds the end).
+constexpr int FLAG_REVERSE = 1;
 
 // ---------------------------------------------------------------------------------------
 // f32 bit helpers.

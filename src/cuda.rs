@@ -204,20 +204,28 @@ mod imp {
     /// `sms * CTAS_PER_SM` CTAs (grid-stride beyond), the amax at most `sms * AMAX_CTAS_PER_SM`.
     static CTAS_PER_SM: AtomicU32 = AtomicU32::new(32);
     static AMAX_CTAS_PER_SM: AtomicU32 = AtomicU32::new(2);
+    /// 1: after an amax pass, walk the tensor from its end (FLAG_REVERSE); 2: forward.
+    static REVERSE: AtomicU32 = AtomicU32::new(1);
+    /// cuda/fp4_common.cuh FLAG_REVERSE.
+    const FLAG_REVERSE: i32 = 1;
 
-    pub fn set_tuning(ctas_per_sm: u32, amax_ctas_per_sm: u32) {
+    pub fn set_tuning(ctas_per_sm: u32, amax_ctas_per_sm: u32, reverse: u32) {
         if ctas_per_sm > 0 {
             CTAS_PER_SM.store(ctas_per_sm, Ordering::Relaxed);
         }
         if amax_ctas_per_sm > 0 {
             AMAX_CTAS_PER_SM.store(amax_ctas_per_sm, Ordering::Relaxed);
         }
+        if reverse > 0 {
+            REVERSE.store(reverse, Ordering::Relaxed);
+        }
     }
 
-    pub fn tuning() -> (u32, u32) {
+    pub fn tuning() -> (u32, u32, u32) {
         (
             CTAS_PER_SM.load(Ordering::Relaxed),
             AMAX_CTAS_PER_SM.load(Ordering::Relaxed),
+            REVERSE.load(Ordering::Relaxed),
         )
     }
 
@@ -238,6 +246,7 @@ mod imp {
         amax_value: f32,
         gs_value: f32,
         mode: i32,
+        flags: i32,
     }
 
     impl KernelArgs {
@@ -256,6 +265,7 @@ mod imp {
                 amax_value: 0.0,
                 gs_value: 0.0,
                 mode: 0,
+                flags: 0,
             }
         }
     }
@@ -723,6 +733,9 @@ mod imp {
                     } else {
                         a.n_amax = self.amax_partials(dt, a.x, n, scratch)?;
                         a.amax_src = scratch;
+                        if REVERSE.load(Ordering::Relaxed) == 1 {
+                            a.flags |= FLAG_REVERSE;
+                        }
                     }
                 }
             }
@@ -886,6 +899,43 @@ mod imp {
         l.launch(f, grid, VEC_THREADS, &a)
     }
 
+    pub fn probe_overhead(
+        ordinal: i32,
+        stream: u64,
+        ptr: u64,
+        reps: u32,
+    ) -> Result<(f64, f64, f64, f64)> {
+        let l = Launch::new(ordinal, stream)?;
+        l.ptr("probe", ptr, 4, 4)?;
+        let reps = reps.max(1);
+        let per = |t: std::time::Instant| t.elapsed().as_nanos() as f64 / reps as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            let mut c: sys::CUcontext = std::ptr::null_mut();
+            // SAFETY: valid out-pointer.
+            unsafe { sys::cuCtxGetCurrent(&mut c) };
+        }
+        let ctx_ns = per(t);
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            check_stream(l.dev, ordinal, stream)?;
+        }
+        let stream_ns = per(t);
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            check_ptr("probe", ptr, 4, 4, ordinal)?;
+        }
+        let ptr_ns = per(t);
+        let mut a = KernelArgs::new(1, 0);
+        a.out = ptr;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            l.launch(l.dev.amax_finalize, 1, 32, &a)?;
+        }
+        let launch_ns = per(t);
+        Ok((ctx_ns, stream_ns, ptr_ns, launch_ns))
+    }
+
     pub fn amax(
         dt: Dt,
         ordinal: i32,
@@ -962,18 +1012,48 @@ fn cuda_device_count() -> PyResult<i32> {
 }
 
 /// Benchmark knob: grid caps (CTAs per SM) of the element kernels and of the amax
-/// reduction; 0 keeps a value. Returns the values in force.
+/// reduction, and the walk order after an amax pass (1 = from the end, 2 = forward); 0
+/// keeps a value. Returns the values in force.
 #[pyfunction]
-#[pyo3(signature = (ctas_per_sm = 0, amax_ctas_per_sm = 0))]
-fn cuda_set_tuning(ctas_per_sm: u32, amax_ctas_per_sm: u32) -> PyResult<(u32, u32)> {
+#[pyo3(signature = (ctas_per_sm = 0, amax_ctas_per_sm = 0, reverse = 0))]
+fn cuda_set_tuning(
+    ctas_per_sm: u32,
+    amax_ctas_per_sm: u32,
+    reverse: u32,
+) -> PyResult<(u32, u32, u32)> {
     #[cfg(aqn_cuda)]
     {
-        imp::set_tuning(ctas_per_sm, amax_ctas_per_sm.min(AMAX_SCRATCH as u32));
+        imp::set_tuning(
+            ctas_per_sm,
+            amax_ctas_per_sm.min(AMAX_SCRATCH as u32),
+            reverse.min(2),
+        );
         Ok(imp::tuning())
     }
     #[cfg(not(aqn_cuda))]
     {
-        let _ = (ctas_per_sm, amax_ctas_per_sm);
+        let _ = (ctas_per_sm, amax_ctas_per_sm, reverse);
+        Ok(imp::not_built()?)
+    }
+}
+
+/// Benchmark probe: nanoseconds per call of the driver work a launch does, averaged over
+/// `reps`: (cuCtxGetCurrent, the stream check, the pointer check of `ptr`, cuLaunchKernel of
+/// a one-warp kernel writing the f32 at `ptr`). Enqueues `reps` tiny kernels on `stream`.
+#[pyfunction]
+fn cuda_probe_overhead(
+    device: i32,
+    stream: u64,
+    ptr: u64,
+    reps: u32,
+) -> PyResult<(f64, f64, f64, f64)> {
+    #[cfg(aqn_cuda)]
+    {
+        Ok(imp::probe_overhead(device, stream, ptr, reps)?)
+    }
+    #[cfg(not(aqn_cuda))]
+    {
+        let _ = (device, stream, ptr, reps);
         Ok(imp::not_built()?)
     }
 }
@@ -1134,6 +1214,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_set_tuning, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_probe_overhead, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_fake_quant, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_dequantize, m)?)?;

@@ -113,14 +113,16 @@ def fake_quant(x: Any, fmt: str, scale_mode: str, amax: Any = None):
     import torch
 
     tag, dev = _check(x)
-    rows, k = _rows_k(x.shape)
+    k = x.size(-1) if x.dim() else _rows_k(())
+    n = x.numel()
     out = torch.empty_like(x)
     if fmt == "nvfp4":
         ap, av, sp, _keep = _amax_args(amax, x, dev)
     else:
         ap, av, sp = 0, None, 0
     _rs.cuda_fake_quant(
-        fmt, scale_mode, tag, dev, _raw_stream(dev), x.data_ptr(), out.data_ptr(), rows, k, ap, av, sp
+        fmt, scale_mode, tag, dev, _raw_stream(dev), x.data_ptr(), out.data_ptr(), n // k if k else 0, k,
+        ap, av, sp,
     )
     return out
 
