@@ -196,3 +196,82 @@ def test_torch_compile_fullgraph_matches_eager():
     got = compiled(x).logits
     assert torch.equal(bits(got), bits(eager))
     h.remove()
+
+
+# ---- AQN in the training forward ------------------------------------------------------------
+
+
+def _noised_reference(model, noise, step, quantized=None):
+    """Copy of `model` with the selected weights replaced by (Q(w) or w) + noise_for(step)."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if name and noise.selects(name, mod):
+                w = mod.weight
+                base = ref.nvfp4_fake_quant(w) if quantized and name in quantized else w.clone()
+                w.copy_(base + noise.noise_for(name, w, step))
+    return m
+
+
+def test_attach_noise_rmsnorm_actor_mode():
+    model = tiny_llama().train()
+    before = state_bits(model)
+    sched = aqn_rs.SigmaScheduler(0.05, 5e-4, 10, 100)
+    noise = aqn_rs.AqnNoise(sched, layer_types=("rmsnorm",), apply_to="actor", seed=3)
+    h = aqn_rs.attach_noise(model, noise)
+    assert len(h.modules) == 2 * 2 + 1  # two norms per layer and the final norm
+    x = ids()
+    noise.set_step(0)  # stage 0: sigma 0, no noise
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        m.__dict__.pop("forward", None)
+    assert torch.equal(model(x).logits, plain(x).logits)
+    noise.set_step(40)
+    assert noise.sigma() > 0
+    want = _noised_reference(plain, noise, 40)(x).logits
+    got = model(x).logits
+    assert torch.equal(bits(got), bits(want))
+    model.eval()  # validation draws no noise
+    assert torch.equal(model(x).logits, plain.eval()(x).logits)
+    for k, v in model.state_dict().items():
+        assert torch.equal(bits(v), bits(before[k])), k
+    h.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_attach_noise_on_quantized_linear_is_q_plus_n_and_grads_flow():
+    model = tiny_llama().train()
+    qh = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer())
+    noise = aqn_rs.AqnNoise(aqn_rs.SigmaScheduler(1e-3, 1e-5, 10, 50), layer_types=("linear",), seed=1)
+    nh = aqn_rs.attach_noise(model, noise)
+    assert sorted(nh.modules) == sorted(qh.modules)
+    noise.set_step(20)
+    x = ids()
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        for k in ("forward", "_aqn_rs_noise", "_aqn_rs_handle", "_aqn_rs_noise_handle"):
+            m.__dict__.pop(k, None)
+    want = _noised_reference(plain, noise, 20, quantized=set(qh.modules))(x).logits
+    got = model(x, labels=x)
+    assert torch.equal(bits(got.logits), bits(want))
+    got.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "proj" in n)
+    nh.remove()
+    qh.remove()
+
+
+def test_attach_noise_errors():
+    model = tiny_llama()
+    rollout_only = aqn_rs.AqnNoise(aqn_rs.SigmaScheduler(0.05, 5e-4, 10, 100), apply_to="rollout")
+    with pytest.raises(ValueError, match="apply_to"):
+        aqn_rs.attach_noise(model, rollout_only)
+    none = aqn_rs.AqnNoise(aqn_rs.SigmaScheduler(0.05, 5e-4, 10, 100), include=["nothing_here"])
+    with pytest.raises(ValueError, match="selects no module"):
+        aqn_rs.attach_noise(model, none)
+    with pytest.raises(TypeError, match="AqnNoise"):
+        aqn_rs.attach_noise(model, object())
+    lin_noise = aqn_rs.AqnNoise(aqn_rs.SigmaScheduler(1e-3, 1e-5, 10, 50), layer_types=("linear",))
+    h = aqn_rs.attach_noise(model, lin_noise)
+    with pytest.raises(ValueError, match="before attach_noise"):
+        aqn_rs.quantize_model(model, aqn_rs.Mxfp4Quantizer())
+    h.remove()

@@ -13,7 +13,9 @@ The exact number formats are in docs/FORMATS.md; `aqn_rs.reference` is a pure-to
 implementation of the same rules that the tests compare against bit for bit.
 """
 
-from ._aqn_rs import AqnError, __version__
+from ._aqn_rs import AqnError, SigmaScheduler, __version__
+from .aqn import AqnNoise, gaussian_noise
+from .selection import ModuleSelector
 from .quantizers import (
     MXFP4_BLOCK,
     NVFP4_BLOCK,
@@ -28,6 +30,7 @@ from .quantizers import (
 _LAZY = {
     "quantize_model": ("hooks", "quantize_model"),
     "QuantizationHandle": ("hooks", "QuantizationHandle"),
+    "attach_noise": ("hooks", "attach_noise"),
     "hooks": ("hooks", None),
 }
 
@@ -44,6 +47,11 @@ def __getattr__(name):
 
 __all__ = [
     "AqnError",
+    "AqnNoise",
+    "ModuleSelector",
+    "SigmaScheduler",
+    "attach_noise",
+    "gaussian_noise",
     "MXFP4_BLOCK",
     "NVFP4_BLOCK",
     "Mxfp4Quantizer",

@@ -251,16 +251,24 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
             return qw
         return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, None)
 
+    def effective_weight(self) -> Tensor:
+        w = weight_q(self.weight)
+        noise = self.__dict__.get("_aqn_rs_noise")
+        if noise is not None:  # AQN on top of the quantized weight, as the rollout sees it
+            aqn, name = noise
+            w = aqn.actor_weight(name, w, training=self.training)
+        return w
+
     if kind == "linear":
 
         def forward(self, input: Tensor) -> Tensor:
             x = torch.ops.aqn_rs.fake_quant(input, fmt, mode, ste, None) if q_act else input
-            return F.linear(x, weight_q(self.weight), self.bias)
+            return F.linear(x, effective_weight(self), self.bias)
 
     else:  # embedding: weight only
 
         def forward(self, input: Tensor) -> Tensor:
-            return F.embedding(input, weight_q(self.weight), self.padding_idx, self.max_norm,
+            return F.embedding(input, effective_weight(self), self.padding_idx, self.max_norm,
                                self.norm_type, self.scale_grad_by_freq, self.sparse)
 
     return types.MethodType(forward, module)
@@ -332,6 +340,11 @@ def quantize_model(
             selected, rule = False, f"unsupported:{cls}"
         if selected and "_aqn_rs_handle" in module.__dict__:
             raise ValueError(f"module {name!r} is already fake-quantized by another handle; remove() it first")
+        if selected and "forward" in module.__dict__:
+            raise ValueError(
+                f"module {name!r} already has a per-instance forward (attach_noise?); "
+                "call quantize_model before attach_noise"
+            )
         if kind is not None or selected or cls.endswith("RMSNorm"):
             decisions.append(ModuleDecision(name, cls, selected, rule))
         if not selected:
@@ -341,3 +354,100 @@ def quantize_model(
         module.__dict__["_aqn_rs_handle"] = True
         wrapped[name] = (module, c if c is not None else _WeightCache())
     return QuantizationHandle(model, quantizer, injection_point, ste, decisions, wrapped)
+
+
+# ---- AQN in the training forward (actor mode) ---------------------------------------------
+
+
+class NoiseHandle:
+    """What `attach_noise` returns: `remove()` detaches the noise, `modules` lists where it goes."""
+
+    def __init__(self, noise, entries: Dict[str, Tuple[torch.nn.Module, str]]) -> None:
+        self.noise = noise
+        self._entries = entries
+
+    @property
+    def modules(self) -> List[str]:
+        return list(self._entries)
+
+    def remove(self) -> None:
+        for module, how in self._entries.values():
+            if how == "flag":
+                module.__dict__.pop("_aqn_rs_noise", None)
+            elif "forward" in module.__dict__:
+                del module.__dict__["forward"]
+            module.__dict__.pop("_aqn_rs_noise_handle", None)
+        self._entries.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _swap_forward(module, name: str, noise):
+    """Forward that runs the module's own forward with `weight + noise` in place of the weight
+    Parameter for the duration of the call (the Parameter object and its data are untouched;
+    the swap is undone in `finally`, so also on exceptions and under no_grad)."""
+    orig = module.forward
+
+    def forward(self, *args, **kwargs):
+        w = self._parameters["weight"]
+        wn = noise.actor_weight(name, w, training=self.training)
+        if wn is w:
+            return orig(*args, **kwargs)
+        self._parameters["weight"] = wn
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            self._parameters["weight"] = w
+
+    return types.MethodType(forward, module)
+
+
+def attach_noise(model: torch.nn.Module, noise) -> NoiseHandle:
+    """Add AQN noise to the selected weights in the training forward (actor mode).
+
+    The noise of the current step (`noise.set_step(optimizer_step)`) is added out of place:
+    on RMSNorm gains (QeRL's choice) the module runs with `gain + noise`; on a Linear already
+    fake-quantized by `quantize_model` the noise is added to the quantized weight (`Q(w) + n`,
+    what a rollout engine computes after a fake-quantized weight sync and in-place noise).
+    Master weights are never written; modules in eval mode (`model.eval()`) draw no noise.
+
+    Args:
+        model: the policy model.
+        noise: an `aqn_rs.AqnNoise` with `apply_to` "actor" or "both".
+
+    Returns:
+        A `NoiseHandle` (`remove()`, `modules`).
+    """
+    from .aqn import AqnNoise
+
+    if not isinstance(noise, AqnNoise):
+        raise TypeError(f"noise must be an aqn_rs.AqnNoise, got {type(noise).__name__}")
+    if not noise.applies_to("actor"):
+        raise ValueError(
+            f"AqnNoise(apply_to={noise.apply_to!r}) adds no noise in the training forward; use "
+            "apply_to='actor' or 'both', or noise.apply_(rollout_model) for a rollout model"
+        )
+    entries: Dict[str, Tuple[torch.nn.Module, str]] = {}
+    for name, module in model.named_modules():
+        if not name or not noise.selects(name, module):
+            continue
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        if "_aqn_rs_noise_handle" in module.__dict__:
+            raise ValueError(f"module {name!r} already has AQN noise attached; remove() it first")
+        if "_aqn_rs_handle" in module.__dict__:
+            module.__dict__["_aqn_rs_noise"] = (noise, name)
+            entries[name] = (module, "flag")
+        else:
+            if "forward" in module.__dict__:
+                raise ValueError(f"module {name!r} already has a per-instance forward; cannot attach noise")
+            module.forward = _swap_forward(module, name, noise)
+            entries[name] = (module, "forward")
+        module.__dict__["_aqn_rs_noise_handle"] = True
+    if not entries:
+        raise ValueError(f"{noise!r} selects no module of this model (check layer_types/include/exclude)")
+    return NoiseHandle(noise, entries)
