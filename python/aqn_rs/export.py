@@ -616,19 +616,27 @@ class ExportReport:
     shards: List[str]
     packed_bytes: int
     dense_bytes: int
-    seconds_quantize: float
+    seconds_quantize: float  # reading + casting + quantizing the packed weights (device synced)
+    seconds_write: float  # device-to-host copies and file writes of every output tensor
     seconds_total: float
 
     def format_summary(self) -> str:
-        mb = 1e6
         mode = f" (scale mode {self.scale_mode})" if self.format == "mxfp4" else ""
         return (
             f"wrote {self.path}: {self.format}{mode}, {len(self.packed)} Linear weights packed "
-            f"({self.packed_bytes / mb:.1f} MB), {self.dense_bytes / mb:.1f} MB dense, "
+            f"({_human(self.packed_bytes)}), {_human(self.dense_bytes)} dense, "
             f"{len(self.shards)} shard(s); ignore list: {len(self.ignore)} module(s)"
             + (f"; {len(self.fused_groups)} fused groups share a global scale" if self.fused_groups else "")
-            + f"; quantize {self.seconds_quantize:.2f} s, total {self.seconds_total:.2f} s"
+            + f"; quantize {self.seconds_quantize:.2f} s, write {self.seconds_write:.2f} s, "
+            f"total {self.seconds_total:.2f} s"
         )
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _plan(tensors, format: str, selector, fuse: bool, dtype: Optional[torch.dtype]):
@@ -835,7 +843,7 @@ def _export(model_or_path, out_dir, format, scale_mode, exclude, include, max_sh
         raise
     try:
         q = _quantizer(format, scale_mode)
-        t_quant = 0.0
+        t_quant = t_write = 0.0
         writers = iter([(files[i], shards[i]) for i in range(n)])
         w: Optional[_ShardWriter] = None
         for unit in units:
@@ -852,6 +860,7 @@ def _export(model_or_path, out_dir, format, scale_mode, exclude, include, max_sh
                 if ws and ws[0].is_cuda:
                     torch.cuda.synchronize(ws[0].device)
                 t_quant += time.perf_counter() - t0
+            t0 = time.perf_counter()
             for name, t in results:
                 if w is None or w.full:
                     if w is not None:
@@ -859,6 +868,7 @@ def _export(model_or_path, out_dir, format, scale_mode, exclude, include, max_sh
                     fname, souts = next(writers)
                     w = _ShardWriter(tmp / fname, souts, metadata)
                 w.write(name, t)
+            t_write += time.perf_counter() - t0
         if w is not None:
             w.close()
         if n > 1:
@@ -920,6 +930,7 @@ def _export(model_or_path, out_dir, format, scale_mode, exclude, include, max_sh
         packed_bytes=sum(o.nbytes for o in outs if o.name in packed_names),
         dense_bytes=sum(o.nbytes for o in outs if o.name not in packed_names),
         seconds_quantize=t_quant,
+        seconds_write=t_write,
         seconds_total=time.perf_counter() - t_start,
     )
 
