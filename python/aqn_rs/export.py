@@ -674,7 +674,8 @@ def _plan(tensors, format: str, selector, fuse: bool, dtype: Optional[torch.dtyp
     if not packed:
         raise ValueError(
             f"no Linear layer is selected for {format} export: all {len(with_weight)} are excluded "
-            f"(e.g. {ignore[:4]}); check exclude/include"
+            f"or have in_features that are not whole {block}-blocks (e.g. {ignore[:4]}); check "
+            "exclude/include"
         )
     # vLLM loads each fused layer (qkv_proj, gate_up_proj) with one scheme: all shards packed or
     # all dense.
@@ -1098,7 +1099,7 @@ def load_compressed_checkpoint(path: Union[str, os.PathLike], device: Any = "cpu
     if not groups:
         raise ValueError(f"{path}: quantization_config has no config_groups")
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
-    tag = _DTYPE_TAGS.get(_DTYPE_NAMES.get(str(dtype_name), torch.bfloat16), "bf16")
+    tag = _DTYPE_TAGS.get(_DTYPE_NAMES.get(str(dtype_name).removeprefix("torch."), torch.bfloat16), "bf16")
 
     tensors = _FolderTensors(path, classes=False)
     out: Dict[str, Union[QuantizedTensor, Tensor]] = {}
