@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
-import fnmatch
 import json
 import math
 import os
@@ -103,9 +102,6 @@ FUSED_GROUPS: Tuple[Tuple[str, ...], ...] = (
     ("q_a_proj", "kv_a_proj_with_mqa"),
 )
 
-# Wrapper components that FSDP1, activation checkpointing and torch.compile insert into names.
-_WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
-
 # safetensors dtype names (safetensors' Dtype enum).
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -140,63 +136,26 @@ _WEIGHT_FILE_SUFFIXES = (
 
 def _canonical(name: str) -> str:
     """`name` without FSDP/checkpoint/compile wrapper components (the selector's rule)."""
-    if not any(w in name for w in _WRAPPER_COMPONENTS):
-        return name
-    return ".".join(c for c in name.split(".") if c not in _WRAPPER_COMPONENTS)
+    from .selection import canonical_name
+
+    return canonical_name(name)
 
 
-class _FallbackSelector:
-    """Python stand-in for `aqn_rs.selection.ModuleSelector` while that module is not importable,
-    with the same rules (crates/aqn-core/src/selector.rs): type by class name, then exclude, then
-    include; exact dotted-suffix names, whole-name shell globs, `re:` regexes matched like
-    `re.match`."""
+def _class_name(module: torch.nn.Module) -> str:
+    """The class name the selector sees (first layer-typed class along the MRO)."""
+    from .selection import class_name_of
 
-    def __init__(self, include, exclude, layer_types) -> None:
-        self.include = None if include is None else list(include)
-        self.exclude = list(exclude)
-        self.layer_types = tuple(layer_types)
-
-    @staticmethod
-    def _matches(pattern: str, name: str) -> bool:
-        if pattern.startswith("re:"):
-            return re.match(pattern[3:], name) is not None
-        if any(c in pattern for c in "*?["):
-            return fnmatch.fnmatchcase(name, pattern)
-        return name == pattern or name.endswith("." + pattern)
-
-    @staticmethod
-    def _layer_type(class_name: str) -> Optional[str]:
-        if class_name.endswith("RMSNorm"):
-            return "rmsnorm"
-        if class_name.endswith("Linear") or class_name == "ParallelLMHead":
-            return "linear"
-        if class_name.endswith("Embedding") and not class_name.endswith("RotaryEmbedding"):
-            return "embedding"
-        return None
-
-    def decide(self, name: str, class_name: str) -> Tuple[bool, str]:
-        name = _canonical(name)
-        if self._layer_type(class_name) not in self.layer_types:
-            return False, f"type:{class_name}"
-        for p in self.exclude:
-            if self._matches(p, name):
-                return False, f"exclude:{p}"
-        if self.include is None:
-            return True, "default"
-        for p in self.include:
-            if self._matches(p, name):
-                return True, f"include:{p}"
-        return False, "not-included"
+    return class_name_of(module)
 
 
 def _selector(include, exclude, layer_types=("linear",)):
-    exclude = tuple(exclude) if exclude is not None else ()
-    include = tuple(include) if include is not None else None
-    try:
-        from .selection import ModuleSelector
-    except (ImportError, AttributeError):  # the Rust selector is not built into this install yet
-        return _FallbackSelector(include, exclude, layer_types)
-    return ModuleSelector(include=include, exclude=exclude, layer_types=tuple(layer_types))
+    from .selection import ModuleSelector
+
+    return ModuleSelector(
+        include=tuple(include) if include is not None else None,
+        exclude=tuple(exclude) if exclude is not None else (),
+        layer_types=tuple(layer_types),
+    )
 
 
 def fused_weight_groups(module_names: Iterable[str]) -> List[Tuple[str, ...]]:
@@ -404,7 +363,7 @@ class _ModelTensors:
             seen.add(key)
             self._tensors[_canonical(name)] = t
         self.names = list(self._tensors)
-        self.classes = {_canonical(n): type(m).__name__ for n, m in model.named_modules() if n}
+        self.classes = {_canonical(n): _class_name(m) for n, m in model.named_modules() if n}
 
     def meta(self, name: str) -> Tuple[torch.dtype, Tuple[int, ...]]:
         t = self._tensors[name]
@@ -493,7 +452,7 @@ def _module_classes_of_folder(folder: Path, tensors: _FolderTensors) -> Dict[str
                 model = AutoModelForCausalLM.from_config(config)
             except ValueError:
                 model = AutoModel.from_config(config)
-        classes = {n: type(m).__name__ for n, m in model.named_modules() if n}
+        classes = {n: _class_name(m) for n, m in model.named_modules() if n}
     except Exception as e:  # noqa: BLE001 - any failure means: fall back to the name heuristic
         reason = f"{type(e).__name__}: {e}"
     else:
@@ -1027,7 +986,7 @@ def linear_module_names(model: torch.nn.Module) -> List[str]:
     """Names (wrapper components removed) of the modules the selector counts as Linear, for
     `iter_packed(..., linear_modules=...)`."""
     sel = _selector(None, (), ("linear",))
-    return [_canonical(n) for n, m in model.named_modules() if n and sel.decide(n, type(m).__name__)[0]]
+    return [_canonical(n) for n, m in model.named_modules() if n and sel.decide(n, _class_name(m))[0]]
 
 
 # ---------------------------------------------------------------------------------------------
