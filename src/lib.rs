@@ -14,6 +14,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+mod aqn;
 mod cuda;
 
 create_exception!(
@@ -378,5 +379,6 @@ fn _aqn_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(nvfp4_global_scale, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;
     cuda::register(m)?;
+    aqn::register(m)?;
     Ok(())
 }

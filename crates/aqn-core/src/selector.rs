@@ -277,10 +277,13 @@ impl Pattern {
                     "empty regular expression in pattern {s:?}"
                 )));
             }
+            // Compiled alone first so the error message shows the user's regex, then wrapped:
             // `^(?:...)` gives Python `re.match` semantics (verl's ignore_patterns).
-            let regex = regex::Regex::new(&format!("^(?:{re})")).map_err(|e| {
+            let bad = |e: regex::Error| {
                 Error::Argument(format!("bad regular expression in pattern {s:?}: {e}"))
-            })?;
+            };
+            regex::Regex::new(re).map_err(bad)?;
+            let regex = regex::Regex::new(&format!("^(?:{re})")).map_err(bad)?;
             return Ok(Pattern::Regex {
                 source: s.to_owned(),
                 regex,
