@@ -422,6 +422,22 @@ def test_iter_packed_stays_on_the_gpu():
         assert torch.equal(raw(v.cpu()), raw(cpu[k])), k
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_gpu_export_equals_cpu_export(tmp_path, fmt):
+    """A model on the GPU (and a folder quantized with device='cuda') is packed by the CUDA
+    kernels to the same bytes as the CPU path."""
+    model = tiny_model("qwen2")
+    cpu = load_dir(E.export_checkpoint(model, tmp_path / "cpu", fmt))
+    gpu = load_dir(E.export_checkpoint(model.cuda(), tmp_path / "gpu", fmt))
+    model.cpu().save_pretrained(str(tmp_path / "src"))
+    dev = load_dir(E.export_checkpoint(tmp_path / "src", tmp_path / "dev", fmt, device="cuda"))
+    for other in (gpu, dev):
+        assert set(other) == set(cpu)
+        for k in cpu:
+            assert torch.equal(raw(other[k]), raw(cpu[k])), k
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors leave nothing behind
 # ---------------------------------------------------------------------------------------------
