@@ -14,9 +14,9 @@ from aqn_rs import reference as ref
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_llama(seed: int = 0, tie: bool = False):
+def tiny_llama(seed: int = 0, tie: bool = False, inter: int = 112):
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        vocab_size=96, hidden_size=64, intermediate_size=inter, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=tie,
     )
@@ -38,14 +38,27 @@ def state_bits(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def manual_reference(model, fmt, mode="floor", skip=("lm_head", "embed_tokens")):
-    """A copy whose selected Linear weights are replaced by reference.py's fake quant."""
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def manual_reference(model, fmt, mode="floor", skip=("lm_head", "embed_tokens"), fused=True):
+    """A copy whose selected Linear weights are replaced by reference.py's fake quant. For
+    NVFP4 with `fused`, the members of q/k/v and gate/up share the max of their amaxes (vLLM
+    keeps one global scale per fused layer)."""
     m = copy.deepcopy(model)
+    amax = {}
+    if fmt == "nvfp4" and fused:
+        for name, mod in m.named_modules():
+            for group in FUSED:
+                if name.rpartition(".")[2] == group[0]:
+                    parent = name.rpartition(".")[0]
+                    a = max(float(m.get_submodule(f"{parent}.{g}").weight.detach().abs().max()) for g in group)
+                    amax.update({f"{parent}.{g}": a for g in group})
     with torch.no_grad():
         for name, mod in m.named_modules():
             if isinstance(mod, torch.nn.Linear) and not any(name.endswith(s) for s in skip):
                 w = mod.weight
-                q = ref.mxfp4_fake_quant(w, mode) if fmt == "mxfp4" else ref.nvfp4_fake_quant(w)
+                q = ref.mxfp4_fake_quant(w, mode) if fmt == "mxfp4" else ref.nvfp4_fake_quant(w, amax.get(name))
                 w.copy_(q)
     return m
 
@@ -68,6 +81,45 @@ def test_hooked_forward_equals_reference_weights(q):
     assert rows["model.layers.1.mlp.down_proj"].selected
     assert len(h.modules) == 2 * 7
     assert "14 of" in h.format_summary()
+
+
+def test_nvfp4_per_weight_global_scales_when_not_fused():
+    model = tiny_llama()
+    x = ids()
+    want = manual_reference(model, "nvfp4", fused=False)(x).logits
+    h = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer(), fuse_global_scales=False)
+    assert torch.equal(bits(model(x).logits), bits(want))
+    assert not torch.equal(bits(want), bits(manual_reference(model, "nvfp4")(x).logits))
+    h.remove()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_hooked_weights_equal_the_exported_checkpoint(tmp_path, fmt):
+    """What the actor trains with is what vLLM would compute from our exported checkpoint."""
+    from aqn_rs.export import dequantize_checkpoint, export_checkpoint
+
+    model = tiny_llama(inter=128)  # whole MX blocks: export keeps partial-block layers dense
+    q = aqn_rs.Nvfp4Quantizer() if fmt == "nvfp4" else aqn_rs.Mxfp4Quantizer()
+    h = aqn_rs.quantize_model(model, q)
+    export_checkpoint(model, tmp_path / "ckpt", format=fmt, dtype=None)
+    dense = dequantize_checkpoint(tmp_path / "ckpt", dtype=torch.float32)
+    captured = {}
+    orig = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        captured["w"] = w.detach().clone()
+        return orig(x, w, b)
+
+    for name in h.modules:
+        mod = model.get_submodule(name)
+        torch.nn.functional.linear = spy
+        try:
+            with torch.no_grad():
+                mod(torch.zeros(1, mod.in_features))
+        finally:
+            torch.nn.functional.linear = orig
+        assert torch.equal(bits(captured["w"]), bits(dense[f"{name}.weight"])), name
+    h.remove()
 
 
 def test_master_weights_never_written_under_no_grad_and_inference_mode():
@@ -241,7 +293,7 @@ def test_attach_noise_rmsnorm_actor_mode():
 
 def test_attach_noise_on_quantized_linear_is_q_plus_n_and_grads_flow():
     model = tiny_llama().train()
-    qh = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer())
+    qh = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer(), fuse_global_scales=False)
     noise = aqn_rs.AqnNoise(aqn_rs.SigmaScheduler(1e-3, 1e-5, 10, 50), layer_types=("linear",), seed=1)
     nh = aqn_rs.attach_noise(model, noise)
     assert sorted(nh.modules) == sorted(qh.modules)

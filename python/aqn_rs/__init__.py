@@ -32,6 +32,9 @@ _LAZY = {
     "QuantizationHandle": ("hooks", "QuantizationHandle"),
     "attach_noise": ("hooks", "attach_noise"),
     "hooks": ("hooks", None),
+    "export_checkpoint": ("export", "export_checkpoint"),
+    "load_compressed_checkpoint": ("export", "load_compressed_checkpoint"),
+    "dequantize_checkpoint": ("export", "dequantize_checkpoint"),
 }
 
 
@@ -51,6 +54,9 @@ __all__ = [
     "ModuleSelector",
     "SigmaScheduler",
     "attach_noise",
+    "dequantize_checkpoint",
+    "export_checkpoint",
+    "load_compressed_checkpoint",
     "gaussian_noise",
     "MXFP4_BLOCK",
     "NVFP4_BLOCK",

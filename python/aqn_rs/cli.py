@@ -5,6 +5,7 @@ Subcommands:
            the measured error table and CPU/GPU throughput (the main job until the training
            runs land).
     info   print what this build contains (version, CUDA kernels, archs, threads).
+    export write a compressed-tensors NVFP4/MXFP4 checkpoint that vLLM loads.
 """
 
 from __future__ import annotations
@@ -98,8 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("info", help="what this build contains")
+    from . import export
+
+    export.add_cli(sub)
     args = ap.parse_args(argv)
 
+    if args.cmd == "export":
+        return export.run_cli(args)
     if args.cmd == "info":
         import aqn_rs
 

@@ -153,8 +153,8 @@ class _WeightCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, w: Tensor, compute) -> Tensor:
-        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+    def get(self, w: Tensor, compute, extra: tuple = ()) -> Tensor:
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, extra)
         if key != self.key:
             self.value = compute(w.detach())
             self.key = key
@@ -165,6 +165,33 @@ class _WeightCache:
 
     def clear(self) -> None:
         self.key, self.value = None, None
+
+
+class _GroupAmax:
+    """The shared NVFP4 tensor amax of a fused group (q/k/v, gate/up): vLLM keeps one global
+    scale per fused layer, computed from the max of its members' amaxes, so fake quant that
+    must equal what vLLM computes from the exported checkpoint uses that amax for every member
+    (the convention llm-compressor and `aqn_rs.export` follow)."""
+
+    def __init__(self, modules: List[torch.nn.Module]) -> None:
+        self.modules = modules
+        self.key: Optional[tuple] = None
+        self.value: Optional[Tensor] = None
+
+    def version(self) -> tuple:
+        return tuple((m.weight.data_ptr(), m.weight._version) for m in self.modules)
+
+    def compute(self) -> Tensor:
+        with torch.no_grad():
+            return torch.stack([m.weight.detach().abs().amax().float() for m in self.modules]).amax()
+
+    def get(self) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self.compute()
+        key = self.version()
+        if key != self.key:
+            self.value, self.key = self.compute(), key
+        return self.value
 
 
 def _fsdp_present(model: torch.nn.Module) -> bool:
@@ -233,7 +260,8 @@ class QuantizationHandle:
         self.remove()
 
 
-def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, cache: Optional[_WeightCache]):
+def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, cache: Optional[_WeightCache],
+                  group: Optional[_GroupAmax] = None):
     mode = getattr(quantizer, "scale_mode", "floor")
     fmt = quantizer.format
     q_weight = injection_point in ("weight", "both")
@@ -242,14 +270,16 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
     def weight_q(w: Tensor) -> Tensor:
         if not q_weight:
             return w
+        amax = group.get() if group is not None else None
         if cache is not None and not torch.compiler.is_compiling():
-            qw = cache.get(w, lambda wd: torch.ops.aqn_rs.fake_quant(wd, fmt, mode, ste, None))
+            extra = group.key if group is not None else ()
+            qw = cache.get(w, lambda wd: torch.ops.aqn_rs.fake_quant(wd, fmt, mode, ste, amax), extra)
             if torch.is_grad_enabled() and w.requires_grad:
                 if ste == "identity":
                     return _STELink.apply(w, qw)
-                return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, None)
+                return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, amax)
             return qw
-        return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, None)
+        return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, amax)
 
     def effective_weight(self) -> Tensor:
         w = weight_q(self.weight)
@@ -291,6 +321,7 @@ def quantize_model(
     layer_types: Sequence[str] = ("linear",),
     ste: str = "identity",
     cache: bool = True,
+    fuse_global_scales: bool = True,
 ) -> QuantizationHandle:
     """Make the selected modules of `model` compute with fake-quantized weights/activations.
 
@@ -305,6 +336,9 @@ def quantize_model(
         layer_types: "linear" and/or "embedding" (weight fake quant applies to those).
         ste: "identity" or "clipped" straight-through estimator.
         cache: reuse a weight's fake quant until the weight changes (off under FSDP).
+        fuse_global_scales: NVFP4 only: the members of a group that vLLM fuses into one layer
+            (q/k/v_proj, gate/up_proj under one parent) share one tensor amax, the max of
+            theirs, so fake quant equals what vLLM computes from `aqn_rs.export`'s checkpoint.
 
     Returns:
         A `QuantizationHandle` (`remove()`, `summary()`, `format_summary()`, `cache_stats()`).
@@ -329,7 +363,7 @@ def quantize_model(
     use_cache = cache and not _fsdp_present(model)
 
     decisions: List[ModuleDecision] = []
-    wrapped: Dict[str, Tuple[torch.nn.Module, _WeightCache]] = {}
+    chosen: List[Tuple[str, torch.nn.Module, str]] = []
     for name, module in model.named_modules():
         if not name:
             continue
@@ -347,10 +381,22 @@ def quantize_model(
             )
         if kind is not None or selected or cls.endswith("RMSNorm"):
             decisions.append(ModuleDecision(name, cls, selected, rule))
-        if not selected:
-            continue
+        if selected:
+            chosen.append((name, module, kind))
+
+    groups: Dict[str, _GroupAmax] = {}
+    if fuse_global_scales and quantizer.format == "nvfp4" and injection_point != "activation":
+        from .export import fused_weight_groups
+
+        by_name = {n: m for n, m, k in chosen if k == "linear"}
+        for members in fused_weight_groups(by_name):
+            g = _GroupAmax([by_name[n] for n in members])
+            groups.update({n: g for n in members})
+
+    wrapped: Dict[str, Tuple[torch.nn.Module, _WeightCache]] = {}
+    for name, module, kind in chosen:
         c = _WeightCache() if use_cache else None
-        module.forward = _make_forward(module, kind, quantizer, injection_point, ste, c)
+        module.forward = _make_forward(module, kind, quantizer, injection_point, ste, c, groups.get(name))
         module.__dict__["_aqn_rs_handle"] = True
         wrapped[name] = (module, c if c is not None else _WeightCache())
     return QuantizationHandle(model, quantizer, injection_point, ste, decisions, wrapped)
