@@ -146,11 +146,10 @@ def _reference_gaussian_eager(shape, seed, step, name, sigma, offset, device):
         raise ValueError("the reference handles element indices below 2**62")
     device = torch.device("cpu") if device is None else torch.device(device)
 
-    def c32(name_: str):
-        value = np.array(_F32_BITS[name_], dtype=np.uint32).view(np.float32)
-        return torch.tensor(value, dtype=torch.float32, device=device)
-
-    k = {name_: c32(name_) for name_ in _F32_BITS}
+    # Constants as Python floats holding the exact f32 values: whether torch rounds such a
+    # scalar to f32 first or computes the op in f64 and rounds once, the f32 result of +, -, *, /
+    # is the same (double rounding is innocuous from 53 to 24 bits), and no device copies.
+    k = {name_: float(np.array(b, dtype=np.uint32).view(np.float32)) for name_, b in _F32_BITS.items()}
     key = noise_key(seed, name)
     if n == 0:
         return torch.empty(shape, dtype=torch.float32, device=device)
@@ -229,8 +228,7 @@ def _reference_gaussian_eager(shape, seed, step, name, sigma, offset, device):
     z = torch.stack([r0 * co0, r0 * s0, r1 * co1, r1 * s1], dim=1).reshape(-1)
     start = offset - 4 * first
     z = z[start : start + n]
-    sig = torch.tensor(float(sigma), dtype=torch.float32, device=device)
-    return (z * sig).reshape(shape)
+    return (z * float(np.float32(sigma))).reshape(shape)
 
 
 def _is_torch_dtype(dtype: Any) -> bool:
