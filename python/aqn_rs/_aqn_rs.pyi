@@ -33,3 +33,127 @@ def nvfp4_dequantize(
 def nvfp4_amax(x: np.ndarray, dtype: str) -> float: ...
 def nvfp4_global_scale(amax: float) -> float: ...
 def cpu_threads() -> int: ...
+
+# =============================================================================================
+# AQN: module selection, sigma schedule, noise (src/aqn.rs). Errors: ValueError for bad values
+# and configs (messages say what was expected), TypeError for wrong types.
+# =============================================================================================
+
+from typing import Any, Iterable, Mapping, Sequence, Tuple, Union
+
+LAYER_TYPES: Tuple[str, ...]  # ("linear", "rmsnorm", "embedding")
+DECAYS: Tuple[str, ...]  # ("exponential", "linear", "cosine", "constant")
+
+_Patterns = Union[str, Iterable[str]]
+
+class ModuleSelector:
+    """Which modules are selected, from qualified names and class names (see
+    `aqn_rs.selection` for the pattern syntax and the decision order).
+
+    Args:
+        include: patterns; None selects every module of the layer types that is not
+            excluded (an empty list is an error).
+        exclude: patterns; None means the default ("lm_head", "embed_tokens").
+        layer_types: "linear", "rmsnorm", "embedding" (case-insensitive); None means ("linear",).
+    A single string is one pattern / one layer type."""
+
+    def __init__(
+        self,
+        include: Optional[_Patterns] = None,
+        exclude: Optional[_Patterns] = ("lm_head", "embed_tokens"),
+        layer_types: Optional[_Patterns] = ("linear",),
+    ) -> None: ...
+    def decide(self, name: str, class_name: str) -> Tuple[bool, str]:
+        """(selected, rule); rule is "type:<class>", "exclude:<pattern>",
+        "include:<pattern>", "not-included" or "default"."""
+    def select(self, named: Iterable[Tuple[str, str]]) -> list[str]:
+        """Names of the selected modules among (name, class_name) pairs, in order."""
+    @staticmethod
+    def layer_type(class_name: str) -> Optional[str]:
+        """"linear", "rmsnorm", "embedding" or None for a class name."""
+    @staticmethod
+    def canonical_name(name: str) -> str:
+        """The name without _fsdp_wrapped_module / _checkpoint_wrapped_module / _orig_mod."""
+    @property
+    def include(self) -> Optional[Tuple[str, ...]]: ...
+    @property
+    def exclude(self) -> Tuple[str, ...]: ...
+    @property
+    def layer_types(self) -> Tuple[str, ...]: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]: ...
+
+class SigmaScheduler:
+    """QeRL's staged sigma schedule (formulas in `aqn_core::schedule` and docs/NOISE.md).
+
+    Args:
+        sigma_start, sigma_end: finite, >= 0 (numeric strings accepted); exponential decay
+            needs sigma_end <= sigma_start and sigma_end > 0 unless both are 0.
+        num_stages: K >= 1 equal stages of total_steps / K steps.
+        total_steps: optimizer steps T, 1..2**53.
+        decay: "exponential" (QeRL), "linear", "cosine" or "constant".
+        zero_first_stage: stage 0 has sigma 0 (QeRL).
+        enabled: False gives sigma 0 at every step (the plan's `enabled: false`)."""
+
+    def __init__(
+        self,
+        sigma_start: float,
+        sigma_end: float,
+        num_stages: int,
+        total_steps: int,
+        decay: str = "exponential",
+        zero_first_stage: bool = True,
+        enabled: bool = True,
+    ) -> None: ...
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], total_steps: int) -> "SigmaScheduler":
+        """From {enabled, sigma_start, sigma_end, num_stages, layer_types[, decay,
+        zero_first_stage]}; AqnNoise keys are ignored, unknown keys raise ValueError."""
+    def sigma(self, step: int) -> float:
+        """Sigma at an optimizer step >= 0 (steps past total_steps stay in the last stage)."""
+    def stage(self, step: int) -> int:
+        """Stage of a step, 0..num_stages-1."""
+    def schedule(self) -> list[float]:
+        """Sigma at steps 0..total_steps inclusive (total_steps + 1 values)."""
+    @property
+    def trend(self) -> list[float]:
+        """The noisy stages' sigmas (QeRL's sigma_trend)."""
+    @property
+    def sigma_start(self) -> float: ...
+    @property
+    def sigma_end(self) -> float: ...
+    @property
+    def num_stages(self) -> int: ...
+    @property
+    def total_steps(self) -> int: ...
+    @property
+    def decay(self) -> str: ...
+    @property
+    def zero_first_stage(self) -> bool: ...
+    @property
+    def enabled(self) -> bool: ...
+    def state_dict(self) -> dict[str, Any]:
+        """{version, sigma_start, sigma_end, num_stages, total_steps, decay,
+        zero_first_stage, enabled}; floats round-trip exactly."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]: ...
+
+def noise_fill_f32(
+    out: npt.NDArray[np.float32],
+    seed: int,
+    step: int,
+    name: str,
+    sigma: float = 1.0,
+    offset: Optional[int] = None,
+) -> None:
+    """Fill a C-contiguous float32 array with elements offset..offset+out.size of the noise
+    of (seed, step, name), each z * float32(sigma) (docs/NOISE.md). GIL released."""
+
+def noise_key(seed: int, name: str) -> int:
+    """FNV-1a 64 of the seed's 8 little-endian bytes followed by the UTF-8 name."""
+
+def philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> list[int]:
+    """Philox4x32-10 of a 4-word counter under a 2-word key."""
+
+def fnv1a64(data: bytes) -> int: ...
