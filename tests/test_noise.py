@@ -456,6 +456,51 @@ def test_bad_schedule_configs_through_from_config():
         AqnNoise.from_config({**block, "sigma_start": -0.1, "decay": "linear"}, 174)
 
 
+_DTENSOR_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor, Shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from aqn_rs.aqn import AqnNoise, SigmaScheduler
+
+    def main(rank, world, port):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        ok = True
+        for relative in (False, True):
+            aqn = AqnNoise(SigmaScheduler(0.05, 5e-4, 10, 174), layer_types="linear", relative=relative, seed=1)
+            for shape in [(7, 5), (10,), (3, 2, 4)]:  # uneven row shards, a vector, 3-d
+                full = 1 + 0.1 * torch.randn(shape)
+                dt = distribute_tensor(full, mesh, [Shard(0)])
+                z = aqn.noise_for("model.layers.0.mlp.down_proj", dt, step=100).full_tensor()
+                ref = aqn.noise_for("model.layers.0.mlp.down_proj", full, step=100)
+                ok &= torch.equal(z.view(torch.int32), ref.view(torch.int32))
+        print(rank, "OK" if ok else "MISMATCH", flush=True)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        torch.multiprocessing.spawn(main, args=(2, int(sys.argv[1])), nprocs=2)
+    """
+)
+
+
+def test_fsdp2_row_shards_get_their_slice_of_the_noise(tmp_path):
+    """A DTensor sharded on dim 0 over 2 gloo ranks: each rank's local noise is its rows of
+    the full tensor's noise (offset = first row * row length)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "dtensor_noise.py"
+    script.write_text(_DTENSOR_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(out.stdout.split()) == ["0", "1", "OK", "OK"], out.stdout
+
+
 def test_import_without_torch():
     code = textwrap.dedent(
         """
