@@ -89,6 +89,8 @@ __device__ __forceinline__ void fake_quant_vec(const Args& a, const Rule& rule) 
     const long long n_vec = a.rows * a.k / EPV;
     const long long stride = (long long)gridDim.x * blockDim.x * U;
     const bool reverse = (a.flags & FLAG_REVERSE) != 0;
+    const bool evict_first = (a.flags & FLAG_L2_EVICT_FIRST) != 0;
+    const uint64_t policy = evict_first ? l2_policy_evict_first() : 0;
     // `base` is uniform over the CTA, so every lane reaches the shuffles.
     for (long long base = (long long)blockIdx.x * blockDim.x * U; base < n_vec; base += stride) {
         uint4 v[U];
@@ -96,7 +98,7 @@ __device__ __forceinline__ void fake_quant_vec(const Args& a, const Rule& rule) 
         for (int u = 0; u < U; ++u) {
             bool ok;
             long long i = vec_index(base, u, n_vec, reverse, ok);
-            v[u] = ok ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
+            v[u] = !ok ? make_uint4(0, 0, 0, 0) : evict_first ? ldg_hint(x + i, policy) : __ldg(x + i);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -128,13 +130,15 @@ __device__ __forceinline__ void quantize_vec(const Args& a, const Rule& rule) {
     const long long n_vec = a.rows * a.k / EPV;
     const long long stride = (long long)gridDim.x * blockDim.x * U;
     const bool reverse = (a.flags & FLAG_REVERSE) != 0;
+    const bool evict_first = (a.flags & FLAG_L2_EVICT_FIRST) != 0;
+    const uint64_t policy = evict_first ? l2_policy_evict_first() : 0;
     for (long long base = (long long)blockIdx.x * blockDim.x * U; base < n_vec; base += stride) {
         uint4 v[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             bool ok;
             long long i = vec_index(base, u, n_vec, reverse, ok);
-            v[u] = ok ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
+            v[u] = !ok ? make_uint4(0, 0, 0, 0) : evict_first ? ldg_hint(x + i, policy) : __ldg(x + i);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {

@@ -93,13 +93,19 @@ __device__ __forceinline__ void amax_partials(const Args& a) {
     for (long long i = tail + tid; i < n; i += nthreads)
         m = max(m, f2u(D::load_scalar(a.x, i)) & 0x7FFFFFFFu);
     const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(p + head * sizeof(T));
+    // The last l2_keep bytes are loaded with L2 evict_last, for the pass that follows (it
+    // walks the tensor from the end, FLAG_REVERSE).
+    const long long keep_from = n_vec - (a.l2_keep > 0 ? a.l2_keep / 16 : 0);
+    const uint64_t keep = a.l2_keep > 0 ? l2_policy_evict_last() : 0;
     for (long long base = (long long)blockIdx.x * blockDim.x * AMAX_UNROLL; base < n_vec;
          base += nthreads * AMAX_UNROLL) {
         uint4 v[AMAX_UNROLL];
 #pragma unroll
         for (int u = 0; u < AMAX_UNROLL; ++u) {
             long long i = base + (long long)u * blockDim.x + threadIdx.x;
-            v[u] = i < n_vec ? __ldg(xv + i) : make_uint4(0, 0, 0, 0);
+            v[u] = i >= n_vec       ? make_uint4(0, 0, 0, 0)
+                   : i >= keep_from ? ldg_hint(xv + i, keep)
+                                    : __ldg(xv + i);
         }
 #pragma unroll
         for (int u = 0; u < AMAX_UNROLL; ++u) m = max(m, D::absmax_bits(v[u]));

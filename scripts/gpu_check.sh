@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command on a GPU machine (the device tool's, or any with CUDA, torch and
 # compute-sanitizer): install the wheel, run the GPU test suite, compute-sanitizer memcheck
-# and racecheck on the quick suite, then the benchmark.
+# and racecheck on the quick suite, and the benchmark (order: test, bench, sanitize).
 #
 #   bash scripts/gpu_check.sh [WHEEL]        # default: the newest .whl/aqn_rs-*.whl
 #
@@ -39,6 +39,14 @@ if has test; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
+if has bench; then
+    echo "== bench"
+    $PY scripts/bench_kernels.py ${BENCH_ARGS:-} --out "$OUT/bench.md" --json "$OUT/bench.json" 2>&1 \
+        | tee "$OUT/bench.log" | grep -vE "^\| " | tail -n 40
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # The table itself, last, so it is in the tail of the output.
+    grep -E "^\| " "$OUT/bench.md" | head -n 80
+fi
 if has sanitize; then
     # No caching allocator: every tensor is its own cudaMalloc, so memcheck sees overruns.
     for tool in memcheck racecheck; do
@@ -54,13 +62,5 @@ if has sanitize; then
     done
 fi
 
-if has bench; then
-    echo "== bench"
-    $PY scripts/bench_kernels.py ${BENCH_ARGS:-} --out "$OUT/bench.md" --json "$OUT/bench.json" 2>&1 \
-        | tee "$OUT/bench.log" | grep -vE "^\| " | tail -n 40
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    # The table itself, last, so it is in the tail of the output.
-    grep -E "^\| " "$OUT/bench.md" | head -n 80
-fi
 echo "== gpu_check: exit $status"
 exit $status

@@ -184,7 +184,7 @@ mod imp {
     use super::{AmaxSource, Dt, Error, Fmt, Result, AMAX_SCRATCH};
     use cudarc::driver::sys;
     use std::ffi::{c_void, CStr};
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::sync::OnceLock;
 
     /// The embedded fatbins, one per format family (build.rs writes them to OUT_DIR).
@@ -204,28 +204,41 @@ mod imp {
     /// `sms * CTAS_PER_SM` CTAs (grid-stride beyond), the amax at most `sms * AMAX_CTAS_PER_SM`.
     static CTAS_PER_SM: AtomicU32 = AtomicU32::new(32);
     static AMAX_CTAS_PER_SM: AtomicU32 = AtomicU32::new(2);
-    /// 1: after an amax pass, walk the tensor from its end (FLAG_REVERSE); 2: forward.
-    static REVERSE: AtomicU32 = AtomicU32::new(1);
-    /// cuda/fp4_common.cuh FLAG_REVERSE.
+    /// After an amax pass, walk the tensor from its end (FLAG_REVERSE).
+    static REVERSE: AtomicBool = AtomicBool::new(true);
+    /// MiB at the end of the tensor that the amax pass loads with L2 evict_last (and the pass
+    /// after it with evict_first); 0 = plain loads.
+    static L2_KEEP_MB: AtomicU32 = AtomicU32::new(0);
+    /// cuda/fp4_common.cuh FLAG_*.
     const FLAG_REVERSE: i32 = 1;
+    const FLAG_L2_EVICT_FIRST: i32 = 2;
 
-    pub fn set_tuning(ctas_per_sm: u32, amax_ctas_per_sm: u32, reverse: u32) {
-        if ctas_per_sm > 0 {
-            CTAS_PER_SM.store(ctas_per_sm, Ordering::Relaxed);
+    pub fn set_tuning(
+        ctas_per_sm: Option<u32>,
+        amax_ctas_per_sm: Option<u32>,
+        reverse: Option<bool>,
+        l2_keep_mb: Option<u32>,
+    ) {
+        if let Some(v) = ctas_per_sm {
+            CTAS_PER_SM.store(v.max(1), Ordering::Relaxed);
         }
-        if amax_ctas_per_sm > 0 {
-            AMAX_CTAS_PER_SM.store(amax_ctas_per_sm, Ordering::Relaxed);
+        if let Some(v) = amax_ctas_per_sm {
+            AMAX_CTAS_PER_SM.store(v.max(1), Ordering::Relaxed);
         }
-        if reverse > 0 {
-            REVERSE.store(reverse, Ordering::Relaxed);
+        if let Some(v) = reverse {
+            REVERSE.store(v, Ordering::Relaxed);
+        }
+        if let Some(v) = l2_keep_mb {
+            L2_KEEP_MB.store(v, Ordering::Relaxed);
         }
     }
 
-    pub fn tuning() -> (u32, u32, u32) {
+    pub fn tuning() -> (u32, u32, bool, u32) {
         (
             CTAS_PER_SM.load(Ordering::Relaxed),
             AMAX_CTAS_PER_SM.load(Ordering::Relaxed),
             REVERSE.load(Ordering::Relaxed),
+            L2_KEEP_MB.load(Ordering::Relaxed),
         )
     }
 
@@ -247,6 +260,7 @@ mod imp {
         gs_value: f32,
         mode: i32,
         flags: i32,
+        l2_keep: i64,
     }
 
     impl KernelArgs {
@@ -266,6 +280,7 @@ mod imp {
                 gs_value: 0.0,
                 mode: 0,
                 flags: 0,
+                l2_keep: 0,
             }
         }
     }
@@ -701,7 +716,7 @@ mod imp {
         }
 
         /// Launches the amax partials of `n` elements into `scratch`; returns how many.
-        fn amax_partials(&self, dt: Dt, x: u64, n: u64, scratch: u64) -> Result<i32> {
+        fn amax_partials(&self, dt: Dt, x: u64, n: u64, scratch: u64, keep: u64) -> Result<i32> {
             self.ptr("amax scratch", scratch, (AMAX_SCRATCH * 4) as u64, 4)?;
             let per_cta = AMAX_THREADS as u64 * AMAX_UNROLL * dt.epv() as u64;
             let cap = (self.dev.sms as u64 * AMAX_CTAS_PER_SM.load(Ordering::Relaxed) as u64)
@@ -710,6 +725,7 @@ mod imp {
             let mut a = KernelArgs::new(1, n);
             a.x = x;
             a.out = scratch;
+            a.l2_keep = keep as i64;
             self.launch(self.dev.amax_partials[dt as usize], grid, AMAX_THREADS, &a)?;
             Ok(grid as i32)
         }
@@ -731,10 +747,19 @@ mod imp {
                         a.n_amax = 0; // the amax of an empty tensor is 0
                         a.amax_value = 0.0;
                     } else {
-                        a.n_amax = self.amax_partials(dt, a.x, n, scratch)?;
+                        let reverse = REVERSE.load(Ordering::Relaxed);
+                        let keep = if reverse {
+                            L2_KEEP_MB.load(Ordering::Relaxed) as u64 * (1 << 20)
+                        } else {
+                            0
+                        };
+                        a.n_amax = self.amax_partials(dt, a.x, n, scratch, keep)?;
                         a.amax_src = scratch;
-                        if REVERSE.load(Ordering::Relaxed) == 1 {
+                        if reverse {
                             a.flags |= FLAG_REVERSE;
+                        }
+                        if keep > 0 {
+                            a.flags |= FLAG_L2_EVICT_FIRST;
                         }
                     }
                 }
@@ -951,7 +976,7 @@ mod imp {
         let mut a = KernelArgs::new(1, 0);
         a.out = out;
         if n > 0 {
-            a.n_amax = l.amax_partials(dt, x, n, scratch)?;
+            a.n_amax = l.amax_partials(dt, x, n, scratch, 0)?;
             a.amax_src = scratch;
         }
         l.launch(l.dev.amax_finalize, 1, 32, &a)
@@ -1011,28 +1036,31 @@ fn cuda_device_count() -> PyResult<i32> {
     }
 }
 
-/// Benchmark knob: grid caps (CTAs per SM) of the element kernels and of the amax
-/// reduction, and the walk order after an amax pass (1 = from the end, 2 = forward); 0
-/// keeps a value. Returns the values in force.
+/// Benchmark knobs (None keeps a value): grid caps in CTAs per SM of the element kernels
+/// and of the amax reduction, whether the pass after an amax walks the tensor from its end,
+/// and the MiB at the end of the tensor the amax pass keeps in L2 (evict_last) for it.
+/// Returns the values in force.
 #[pyfunction]
-#[pyo3(signature = (ctas_per_sm = 0, amax_ctas_per_sm = 0, reverse = 0))]
+#[pyo3(signature = (ctas_per_sm = None, amax_ctas_per_sm = None, reverse = None, l2_keep_mb = None))]
 fn cuda_set_tuning(
-    ctas_per_sm: u32,
-    amax_ctas_per_sm: u32,
-    reverse: u32,
-) -> PyResult<(u32, u32, u32)> {
+    ctas_per_sm: Option<u32>,
+    amax_ctas_per_sm: Option<u32>,
+    reverse: Option<bool>,
+    l2_keep_mb: Option<u32>,
+) -> PyResult<(u32, u32, bool, u32)> {
     #[cfg(aqn_cuda)]
     {
         imp::set_tuning(
             ctas_per_sm,
-            amax_ctas_per_sm.min(AMAX_SCRATCH as u32),
-            reverse.min(2),
+            amax_ctas_per_sm.map(|v| v.min(AMAX_SCRATCH as u32)),
+            reverse,
+            l2_keep_mb,
         );
         Ok(imp::tuning())
     }
     #[cfg(not(aqn_cuda))]
     {
-        let _ = (ctas_per_sm, amax_ctas_per_sm, reverse);
+        let _ = (ctas_per_sm, amax_ctas_per_sm, reverse, l2_keep_mb);
         Ok(imp::not_built()?)
     }
 }

@@ -289,17 +289,24 @@ def test_misaligned_views_take_the_scalar_path():
 
 
 @gpu
-def test_grid_stride_loops():
-    """Force a small grid so every CTA loops over many vectors/blocks."""
-    old = _rs.cuda_set_tuning(0, 0)
+@pytest.mark.parametrize("reverse,l2_keep_mb", [(True, 0), (False, 0), (True, 2)])
+def test_grid_stride_loops_and_walk_order(reverse, l2_keep_mb):
+    """A small grid (every CTA loops over many vectors/blocks), both walk orders after the
+    amax pass, and the L2 keep hint: the bits never change."""
+    old = _rs.cuda_set_tuning()
     try:
-        _rs.cuda_set_tuning(1, 1)
+        _rs.cuda_set_tuning(1, 1, reverse, l2_keep_mb)
         g = torch.Generator().manual_seed(11)
         for dtype in (torch.bfloat16, torch.float32):
             for shape in [(512, 4096), (300, 4097)]:
                 x = torch.randn(shape, generator=g).to(dtype).cuda()
                 for fmt, mode in (("mxfp4", "floor"), ("nvfp4", "floor")):
-                    assert_bits_equal(_cuda.fake_quant(x, fmt, mode, None), cpu_fake_quant(x, fmt, mode), f"{fmt} {dtype} {shape}")
+                    what = f"{fmt} {dtype} {shape}"
+                    assert_bits_equal(_cuda.fake_quant(x, fmt, mode, None), cpu_fake_quant(x, fmt, mode), what)
+                codes, scales, gs = _cuda.quantize(x, "nvfp4", "floor", None)
+                want = cpu_quantize(x, "nvfp4", "floor")
+                assert_bits_equal(codes, want.codes, f"codes {dtype} {shape}")
+                assert_bits_equal(scales, want.scales, f"scales {dtype} {shape}")
     finally:
         _rs.cuda_set_tuning(*old)
 

@@ -20,12 +20,14 @@ _AMAX_SCRATCH = int(getattr(_rs, "CUDA_AMAX_SCRATCH", 1024))
 _available: Optional[bool] = None
 _dtags: Optional[dict] = None  # torch dtype -> "f32" / "bf16" / "f16"
 _raw_stream = None  # torch._C._cuda_getCurrentRawStream(device_index) -> int
+_empty_like = None  # torch.empty_like
 
 
 def _init() -> None:
-    global _dtags, _raw_stream
+    global _dtags, _raw_stream, _empty_like
     import torch
 
+    _empty_like = torch.empty_like
     _dtags = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
     _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
         lambda d: torch.cuda.current_stream(d).cuda_stream
@@ -110,19 +112,22 @@ def fake_quant(x: Any, fmt: str, scale_mode: str, amax: Any = None):
     """Quantize-dequantize x ("mxfp4" with scale_mode, or "nvfp4" with an optional amax:
     None computes it on the device, a float or a 0-d tensor on any device is used as is).
     Returns a new tensor like x."""
-    import torch
-
-    tag, dev = _check(x)
+    # The hot path: _check inlined, no imports (this is the per-call overhead).
+    if _dtags is None:
+        _init()
+    tag = _dtags.get(x.dtype)
+    dev = x.get_device()
+    if tag is None or dev < 0 or not x.is_contiguous():
+        _check(x)  # raises the right error
     k = x.size(-1) if x.dim() else _rows_k(())
-    n = x.numel()
-    out = torch.empty_like(x)
+    out = _empty_like(x)
     if fmt == "nvfp4":
         ap, av, sp, _keep = _amax_args(amax, x, dev)
     else:
         ap, av, sp = 0, None, 0
     _rs.cuda_fake_quant(
-        fmt, scale_mode, tag, dev, _raw_stream(dev), x.data_ptr(), out.data_ptr(), n // k if k else 0, k,
-        ap, av, sp,
+        fmt, scale_mode, tag, dev, _raw_stream(dev), x.data_ptr(), out.data_ptr(),
+        x.numel() // k if k else 0, k, ap, av, sp,
     )
     return out
 
