@@ -34,34 +34,35 @@ pub const PHILOX_ROUNDS: usize = 10;
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 pub const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
-// f32 constants of the transcendental approximations. Each is written as its decimal value
-// and pinned to its bit pattern by a test (`constants_have_the_documented_bits`), so the CUDA
-// port can use the hex patterns from docs/NOISE.md.
+// f32 constants of the transcendental approximations, given by their bit patterns: the table
+// in docs/NOISE.md, "Constants", which the CUDA port and the torch reference use as they are.
+// `constants_are_what_they_say` checks each against its mathematical value.
 /// 2^-24: one unit of the 24-bit uniform grid.
-pub const U24: f32 = 5.960_464_5e-8;
+pub const U24: f32 = f32::from_bits(0x3380_0000);
 /// sqrt(2) rounded to f32: mantissas above it are halved so `m` lies in [sqrt(2)/2, sqrt(2)].
-pub const SQRT2: f32 = 1.414_213_5;
-/// ln(2) split so that `e * LN2_HI` is exact for |e| < 2^12 (the low 12 bits are zero).
-pub const LN2_HI: f32 = 6.931_381_2e-1;
-pub const LN2_LO: f32 = 9.058_000_6e-6;
+pub const SQRT2: f32 = f32::from_bits(0x3fb5_04f3);
+/// ln(2) split so that `e * LN2_HI` is exact for |e| < 2^7 (its low 7 bits are zero; here
+/// |e| <= 25).
+pub const LN2_HI: f32 = f32::from_bits(0x3f31_7180);
+pub const LN2_LO: f32 = f32::from_bits(0x3717_f7d1);
 /// Taylor coefficients of `2 atanh(s) = 2s + s^3 (2/3) + s^5 (2/5) + ...` past the first term.
-pub const LG1: f32 = 2.0 / 3.0;
-pub const LG2: f32 = 2.0 / 5.0;
-pub const LG3: f32 = 2.0 / 7.0;
-pub const LG4: f32 = 2.0 / 9.0;
-/// Taylor coefficients of sin on [-pi/4, pi/4]: -1/3!, 1/5!, -1/7!, 1/9!.
-pub const S1: f32 = -1.0 / 6.0;
-pub const S2: f32 = 1.0 / 120.0;
-pub const S3: f32 = -1.0 / 5040.0;
-pub const S4: f32 = 1.0 / 362_880.0;
-/// Taylor coefficients of cos on [-pi/4, pi/4]: -1/2!, 1/4!, -1/6!, 1/8!, -1/10!.
-pub const C1: f32 = -0.5;
-pub const C2: f32 = 1.0 / 24.0;
-pub const C3: f32 = -1.0 / 720.0;
-pub const C4: f32 = 1.0 / 40_320.0;
-pub const C5: f32 = -1.0 / 3_628_800.0;
-/// 2*pi / 2^24: the angle of one unit of the 24-bit angle grid.
-pub const ANGLE_UNIT: f32 = 3.745_070_3e-7;
+pub const LG1: f32 = f32::from_bits(0x3f2a_aaab); // 2/3
+pub const LG2: f32 = f32::from_bits(0x3ecc_cccd); // 2/5
+pub const LG3: f32 = f32::from_bits(0x3e92_4925); // 2/7
+pub const LG4: f32 = f32::from_bits(0x3e63_8e39); // 2/9
+/// Taylor coefficients of sin on [-pi/4, pi/4].
+pub const S1: f32 = f32::from_bits(0xbe2a_aaab); // -1/3!
+pub const S2: f32 = f32::from_bits(0x3c08_8889); // 1/5!
+pub const S3: f32 = f32::from_bits(0xb950_0d01); // -1/7!
+pub const S4: f32 = f32::from_bits(0x3638_ef1d); // 1/9!
+/// Taylor coefficients of cos on [-pi/4, pi/4].
+pub const C1: f32 = f32::from_bits(0xbf00_0000); // -1/2!
+pub const C2: f32 = f32::from_bits(0x3d2a_aaab); // 1/4!
+pub const C3: f32 = f32::from_bits(0xbab6_0b61); // -1/6!
+pub const C4: f32 = f32::from_bits(0x37d0_0d01); // 1/8!
+pub const C5: f32 = f32::from_bits(0xb493_f27e); // -1/10!
+/// float(2 pi) / 2^24: the angle of one unit of the 24-bit angle grid.
+pub const ANGLE_UNIT: f32 = f32::from_bits(0x34c9_0fdb);
 
 /// 64-bit FNV-1a of a byte string.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -126,7 +127,7 @@ pub fn minus_two_log_uniform(x: u32) -> f32 {
     r = LG3 + z * r;
     r = LG2 + z * r;
     r = LG1 + z * r;
-    r = z * r;
+    r *= z;
     let hfsq = (0.5 * f) * f;
     let ef = e as f32;
     let ln_u = ef * LN2_HI - ((hfsq - (s * (hfsq + r) + ef * LN2_LO)) - f);
@@ -145,7 +146,7 @@ pub fn sincos_turns(x: u32) -> (f32, f32) {
     p = S3 + z * p;
     p = S2 + z * p;
     p = S1 + z * p;
-    p = z * p;
+    p *= z;
     let s = a + a * p;
     let mut c = C5;
     c = C4 + z * c;
@@ -250,37 +251,33 @@ mod tests {
     }
 
     #[test]
-    fn constants_have_the_documented_bits() {
-        // The table in docs/NOISE.md, "Constants".
-        let table: [(f32, u32); 19] = [
-            (U24, 0x33800000),
-            (SQRT2, 0x3fb504f3),
-            (LN2_HI, 0x3f317180),
-            (LN2_LO, 0x3717f7d1),
-            (LG1, 0x3f2aaaab),
-            (LG2, 0x3ecccccd),
-            (LG3, 0x3e924925),
-            (LG4, 0x3e638e39),
-            (S1, 0xbe2aaaab),
-            (S2, 0x3c088889),
-            (S3, 0xb9500d01),
-            (S4, 0x3638ef1d),
-            (C1, 0xbf000000),
-            (C2, 0x3d2aaaab),
-            (C3, 0xbab60b61),
-            (C4, 0x37d00d01),
-            (C5, 0xb493f27e),
-            (ANGLE_UNIT, 0x34c90fdb),
-            (2.0, 0x40000000),
+    fn constants_are_what_they_say() {
+        // each is its mathematical value rounded to nearest f32 (LN2_HI/LO: a split of ln 2)
+        let f = |x: f64| x as f32;
+        let table: [(f32, f64); 16] = [
+            (U24, 2f64.powi(-24)),
+            (SQRT2, 2f64.sqrt()),
+            (LG1, 2.0 / 3.0),
+            (LG2, 2.0 / 5.0),
+            (LG3, 2.0 / 7.0),
+            (LG4, 2.0 / 9.0),
+            (S1, -1.0 / 6.0),
+            (S2, 1.0 / 120.0),
+            (S3, -1.0 / 5040.0),
+            (S4, 1.0 / 362_880.0),
+            (C1, -0.5),
+            (C2, 1.0 / 24.0),
+            (C3, -1.0 / 720.0),
+            (C4, 1.0 / 40_320.0),
+            (C5, -1.0 / 3_628_800.0),
+            (ANGLE_UNIT, f(std::f64::consts::TAU) as f64 / 2f64.powi(24)),
         ];
-        for (i, (v, bits)) in table.iter().enumerate() {
-            assert_eq!(
-                v.to_bits(),
-                *bits,
-                "constant {i}: {v:e} is {:#010x}",
-                v.to_bits()
-            );
+        for (i, (c, v)) in table.iter().enumerate() {
+            assert_eq!(c.to_bits(), f(*v).to_bits(), "constant {i}");
         }
+        assert_eq!(LN2_HI.to_bits() & 0x7f, 0);
+        let ln2 = LN2_HI as f64 + LN2_LO as f64;
+        assert!((ln2 - std::f64::consts::LN_2).abs() < 1e-12);
     }
 
     #[test]
