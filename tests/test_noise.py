@@ -446,6 +446,17 @@ def test_bad_configs(kwargs, exc, message):
         AqnNoise(**args)
 
 
+def test_integer_weights_are_refused():
+    model = _model(vllm=True)
+    model.model.layers[0].self_attn.qkv_proj.weight = torch.nn.Parameter(
+        torch.zeros(144, 24, dtype=torch.uint8), requires_grad=False
+    )  # a packed FP4 weight in a quantized rollout model
+    aqn = AqnNoise(_sched(), layer_types="linear", apply_to="rollout")
+    with pytest.raises(TypeError, match="qkv_proj.weight has dtype torch.uint8"):
+        aqn.apply_(model, 100)
+    assert AqnNoise(_sched(), apply_to="rollout").apply_(model, 100) == 5  # the norms are fine
+
+
 def test_bad_schedule_configs_through_from_config():
     block = {"enabled": True, "sigma_start": 0.001, "sigma_end": 0.05, "num_stages": 10, "layer_types": ["rmsnorm"]}
     with pytest.raises(ValueError, match="exponential decay needs sigma_end <= sigma_start"):

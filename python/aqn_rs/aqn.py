@@ -520,6 +520,8 @@ class AqnNoise:
         import torch
 
         step = self._step if step is None else _u64(step, "step")
+        if not weight.is_floating_point():
+            raise TypeError(f"{name}: AQN noise goes to floating-point weights, got dtype {weight.dtype}")
         sigma = self.sigma(step)
         with torch.no_grad():
             if _is_dtensor(weight):
@@ -596,6 +598,11 @@ class AqnNoise:
                 continue
             w = getattr(module, "weight", None)
             if isinstance(w, torch.Tensor):
+                if not w.is_floating_point():
+                    raise TypeError(
+                        f"{name}.weight has dtype {w.dtype}: AQN noise goes to floating-point weights "
+                        "(a quantized rollout model cannot be noised in place; noise its norms only)"
+                    )
                 if _is_dtensor(w):
                     raise TypeError(
                         f"{name}.weight is a DTensor: apply_ noises plain (rollout) weights in place; "
