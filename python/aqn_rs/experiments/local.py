@@ -1,0 +1,437 @@
+"""The single-machine engine: TRL's `GRPOTrainer` with the package's fake quant and AQN.
+
+The policy generates its own rollouts, so the rollout sees the quantized (and, per the preset,
+noised) model. Fake quant is `aqn_rs.quantize_model` on the policy (STE backward, master weights
+untouched); in LoRA mode the adapters sit on top of the frozen fake-quantized base (QeRL's
+mode): quantize first, then wrap with peft, so the adapters themselves stay in full precision.
+
+AQN advances once per optimizer step (QeRL: `sigma(global_step)` at generation time): a trainer
+callback moves the noise to step `state.global_step` when a step begins (`NoiseDriver` says
+where the noise goes for each `apply_to`); master weights are never noised when the optimizer
+updates them. Validation (greedy, strict and flexible GSM8K accuracy) runs without noise.
+
+Multi-GPU: `aqn-rs run ... --gpus N` relaunches this module under `accelerate launch`
+(`python -m aqn_rs.experiments.local RUN_DIR`); each rank reads the resolved
+`RUN_DIR/config.yaml`, validation is sharded over ranks and summed, rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import data as data_mod
+from . import outputs, presets
+from .errors import ExperimentError
+from .model import converted_folder, load_model_and_tokenizer, resolve_model
+from .reward import Gsm8kReward, compute_score
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+def evaluate(model, tok, records: Sequence[Dict[str, Any]], max_new_tokens: int, batch_size: int = 32,
+             rank: int = 0, world: int = 1, gather=None) -> Dict[str, Any]:
+    """Greedy strict and flexible GSM8K accuracy of `model` on `records` (TRL prompt rows).
+
+    Args:
+        records: rows with "prompt" (messages) and "answer" (ground truth), optional "level".
+        rank, world, gather: shard over ranks; `gather(tensor)` sums the counts (accelerate).
+
+    Returns:
+        {"strict": float, "flexible": float, "format": float (share with a strict `#### n`),
+         "n": int, "by_level": {level: strict}, "sample": first completion}
+    """
+    import torch
+
+    mine = list(records)[rank::world]
+    counts = torch.zeros(3 + 2 * 4, dtype=torch.float64)  # strict, flexible, format, per level (n, ok)
+    sample = None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i:i + batch_size]
+            texts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in chunk]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+            comps = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for r, c in zip(chunk, comps):
+                s = compute_score(c, r["answer"], "strict")
+                counts[0] += s
+                counts[1] += compute_score(c, r["answer"], "flexible")
+                counts[2] += compute_score(c, r["answer"], "strict", format_score=1.0)
+                lv = int(r.get("level", 0))
+                if 1 <= lv <= 3:
+                    counts[3 + 2 * lv] += 1
+                    counts[4 + 2 * lv] += s
+                if sample is None:
+                    sample = c
+    finally:
+        model.train(was_training)
+    if gather is not None and world > 1:
+        counts = gather(counts.to(device)).reshape(world, -1).sum(0).cpu()
+    n = len(records)
+    res = {"strict": float(counts[0] / n), "flexible": float(counts[1] / n), "format": float(counts[2] / n), "n": n,
+           "by_level": {}, "sample": sample}
+    for lv in (1, 2, 3):
+        if counts[3 + 2 * lv] > 0:
+            res["by_level"][str(lv)] = float(counts[4 + 2 * lv] / counts[3 + 2 * lv])
+    return res
+
+
+# ---- AQN driver ------------------------------------------------------------------------------
+
+
+class NoiseDriver:
+    """Drives an `aqn_rs.AqnNoise` on the policy, one noise draw per optimizer step, in the
+    phases its `apply_to` names (DESIGN.md, AQN):
+
+    * `actor` / `both`: `aqn_rs.hooks.attach_noise` adds the step's noise out of place in the
+      modules' forward (master weights untouched; modules in eval mode draw none). TRL
+      generates in train mode, so `both` also noises the rollouts; `actor` switches the noise
+      off around generation.
+    * `rollout` (QeRL): `noise.apply_(model, step)` in place just before generation and
+      `noise.restore_(model)` right after, so the training forward and the optimizer update
+      see the clean weights.
+    """
+
+    def __init__(self, model, noise) -> None:
+        from ..hooks import attach_noise
+
+        self.model, self.noise, self.apply_to = model, noise, noise.apply_to
+        self.handle = attach_noise(model, noise) if noise.applies_to("actor") else None
+        self.mode = {"actor": "forward hook", "both": "forward hook", "rollout": "in place around generation"}[self.apply_to]
+
+    def begin_step(self, step: int) -> None:
+        self.noise.set_step(int(step))
+
+    @contextlib.contextmanager
+    def generation(self):
+        """Around rollout generation."""
+        if self.apply_to == "actor":
+            with self.noise.disabled():
+                yield
+        elif self.apply_to == "rollout":
+            self.noise.apply_(self.model, self.noise.step)
+            try:
+                yield
+            finally:
+                self.noise.restore_(self.model)
+        else:
+            yield
+
+    @contextlib.contextmanager
+    def off(self):
+        """Validation: no noise."""
+        with self.noise.disabled():
+            yield
+
+    def sigma(self, step: int) -> float:
+        return float(self.noise.scheduler.sigma(int(step)))
+
+    def stage(self, step: int) -> int:
+        return int(self.noise.scheduler.stage(int(step)))
+
+    def remove(self) -> None:
+        self.noise.restore_(self.model)
+        if self.handle is not None:
+            self.handle.remove()
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _log(msg: str) -> None:
+    if _is_main():
+        print(f"[aqn-rs] {msg}", file=sys.stderr, flush=True)
+
+
+def save_checkpoint(model, tok, path: pathlib.Path) -> None:
+    """A transformers folder (config + safetensors + tokenizer) of the master weights; LoRA
+    adapters are merged into a copy of the state dict (the live model is not changed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    base = model
+    sd = None
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        base = model.get_base_model()
+        sd = _merged_lora_state_dict(model)
+    base.save_pretrained(path, state_dict=sd, safe_serialization=True)
+    tok.save_pretrained(path)
+
+
+def _merged_lora_state_dict(peft_model) -> Dict[str, Any]:
+    import torch
+
+    deltas = {}
+    for name, mod in peft_model.get_base_model().named_modules():
+        if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and getattr(mod, "active_adapters", None):
+            d = None
+            for a in mod.active_adapters:
+                if a in getattr(mod, "lora_A", {}):
+                    dd = mod.get_delta_weight(a)
+                    d = dd if d is None else d + dd
+            if d is not None:
+                deltas[f"{name}.weight"] = d
+    out = {}
+    for k, v in peft_model.get_base_model().state_dict().items():
+        if "lora_" in k:
+            continue
+        k2 = k.replace(".base_layer.", ".")
+        if k2 in deltas:
+            with torch.no_grad():
+                v = (v.float() + deltas[k2].float()).to(v.dtype)
+        out[k2] = v.detach().cpu().contiguous()
+    return out
+
+
+def build_trainer_args(t: Dict[str, Any], run_dir: pathlib.Path, gpus: int, lr: float):
+    from trl import GRPOConfig
+
+    world = max(1, gpus)
+    per_step = t["prompts_per_step"] * t["generations"]
+    if per_step % world:
+        raise ExperimentError(f"{t['prompts_per_step']} prompts x {t['generations']} completions = {per_step} "
+                              f"is not divisible by {world} GPUs; change training.prompts_per_step")
+    on_gpu = gpus > 0
+    return GRPOConfig(
+        output_dir=str(run_dir / "trainer"),
+        max_steps=int(t["steps"]),
+        per_device_train_batch_size=per_step // world,
+        gradient_accumulation_steps=1,  # one rollout batch per optimizer step: AQN step = update
+        num_generations=int(t["generations"]),
+        max_completion_length=int(t["max_new_tokens"]),
+        learning_rate=float(lr),
+        lr_scheduler_type=t.get("lr_scheduler", "linear"),
+        warmup_steps=0,
+        beta=float(t["beta"]),
+        temperature=float(t["temperature"]),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=int(t["seed"]),
+        data_seed=int(t["seed"]),
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=False,  # 135M parameters fit; checkpointing only slows it down
+        disable_tqdm=not _is_main(),
+        dataloader_num_workers=0,
+        log_completions=False,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
+    """Train one preset with TRL's GRPOTrainer on this process (one rank under accelerate).
+
+    Args:
+        cfg: the resolved config (`presets.load_preset` plus the `run` block the CLI adds:
+            gpus, model, data).
+        run_dir: where config.yaml, metrics.jsonl, summary.json, curves.png and checkpoints go.
+
+    Returns:
+        The summary dict (also written to summary.json on rank 0).
+    """
+    import torch
+    from transformers import TrainerCallback, set_seed
+
+    import aqn_rs
+
+    run = cfg["run"]
+    gpus = int(run["gpus"])
+    on_gpu = gpus > 0
+    t = presets.effective_training(cfg, on_gpu)
+    set_seed(int(t["seed"]))
+    folder, gguf, model_desc = resolve_model(run.get("model"))
+    train_recs, eval_recs, data_desc = data_mod.load_data(run.get("data"), eval_size=int(t["eval_size"]))
+    train_rows = data_mod.to_prompt_records(train_recs)
+    eval_rows = data_mod.to_prompt_records(eval_recs)
+
+    # Rank 0 converts the GGUF once; the other ranks wait for it.
+    if gguf is not None and gpus > 1:
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():
+            folder = converted_folder(folder, gguf, log=_log)
+    else:
+        folder = converted_folder(folder, gguf, log=_log)
+    t0 = time.perf_counter()
+    model, tok = load_model_and_tokenizer(folder)
+    _log(f"model {model_desc}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
+         f"loaded in {time.perf_counter() - t0:.1f} s")
+
+    qhandle = None
+    quantizer = presets.quantizer_from(cfg)
+    if quantizer is not None:
+        qhandle = aqn_rs.quantize_model(model, quantizer, **presets.quantize_kwargs(cfg))
+        _log(f"fake quant: {len(qhandle.modules)} modules, {quantizer!r}, {cfg['quantization']['injection_point']}")
+
+    lr = float(t["learning_rate"])
+    if t.get("mode", "full") == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = t.get("lora") or {}
+        model = get_peft_model(model, LoraConfig(
+            r=int(lcfg.get("r", 32)), lora_alpha=int(lcfg.get("alpha", 64)), lora_dropout=float(lcfg.get("dropout", 0.0)),
+            target_modules=lcfg.get("target_modules", "all-linear"), task_type="CAUSAL_LM"))
+        lr = float(lcfg.get("learning_rate", lr))
+
+    driver = None
+    nk = presets.noise_kwargs(cfg)
+    if nk is not None:
+        from ..aqn import AqnNoise
+
+        noise = AqnNoise.from_config(nk, total_steps=int(t["steps"]))
+        driver = NoiseDriver(model, noise)
+        _log(f"AQN: {presets.describe(cfg)[1]}, apply_to={driver.apply_to} ({driver.mode})")
+
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    args = build_trainer_args(t, run_dir, gpus, lr)
+    reward = Gsm8kReward(cfg["reward"]["correct"], cfg["reward"]["format"])
+    writer = outputs.MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
+
+    class _Trainer(GRPOTrainer):
+        def _generate_single_turn(self, *a, **kw):
+            ctx = driver.generation() if driver is not None else contextlib.nullcontext()
+            with ctx:
+                return super()._generate_single_turn(*a, **kw)
+
+    state: Dict[str, Any] = {"val": {}, "pending": {}, "step_t0": None, "step_times": []}
+
+    def validate(step: int, trainer) -> None:
+        acc = trainer.accelerator
+        m = acc.unwrap_model(trainer.model_wrapped if hasattr(trainer, "model_wrapped") else trainer.model)
+        ctx = driver.off() if driver is not None else contextlib.nullcontext()
+        tv = time.perf_counter()
+        with ctx:
+            res = evaluate(m, tok, eval_rows, int(t["max_new_tokens"]), int(t.get("eval_batch_size", 32)),
+                           rank=acc.process_index, world=acc.num_processes, gather=acc.gather)
+        res["seconds"] = time.perf_counter() - tv
+        state["val"][step] = res
+        state["pending"].update({"val_strict": res["strict"], "val_flexible": res["flexible"],
+                                 "val_format": res["format"], "val_seconds": res["seconds"],
+                                 **{f"val_strict_level{k}": v for k, v in res["by_level"].items()}})
+        _log(f"step {step}: validation strict {res['strict'] * 100:.1f}%, flexible {res['flexible'] * 100:.1f}% "
+             f"({res['n']} problems, {res['seconds']:.1f} s)")
+
+    def checkpoint(name: str, trainer) -> None:
+        if trainer.accelerator.is_main_process:
+            m = trainer.accelerator.unwrap_model(trainer.model)
+            save_checkpoint(m, tok, run_dir / "checkpoints" / name)
+        trainer.accelerator.wait_for_everyone()
+
+    class _Callback(TrainerCallback):
+        def on_train_begin(self, args_, st, control, **kw):
+            validate(0, trainer)
+            if writer is not None:
+                rec = {"step": 0, **state["pending"]}
+                if driver is not None:
+                    rec.update({"sigma": driver.sigma(0), "stage": driver.stage(0)})
+                writer.write(rec)
+            state["pending"] = {}
+
+        def on_step_begin(self, args_, st, control, **kw):
+            state["step_t0"] = time.perf_counter()
+            if driver is not None:
+                driver.begin_step(st.global_step)
+                state["pending"].update({"sigma": driver.sigma(st.global_step), "stage": driver.stage(st.global_step),
+                                         "aqn_step": st.global_step})
+
+        def on_step_end(self, args_, st, control, **kw):
+            dt = time.perf_counter() - state["step_t0"]
+            state["step_times"].append(dt)
+            state["pending"]["step_time"] = dt
+            k = int(t["eval_every"])
+            if k and st.global_step % k == 0 and st.global_step < int(t["steps"]):
+                validate(st.global_step, trainer)
+            s = int(t["save_every"])
+            if s and st.global_step % s == 0 and st.global_step < int(t["steps"]):
+                checkpoint(f"step-{st.global_step:06d}", trainer)
+
+        def on_log(self, args_, st, control, logs=None, **kw):
+            logs = dict(logs or {})
+            if "train_runtime" in logs:
+                state["train_log"] = logs
+                return
+            if writer is not None and "reward" in logs:
+                rec = {"step": st.global_step, **outputs.pick_train_metrics(logs), **state["pending"]}
+                writer.write(rec)
+            state["pending"] = {}
+
+    trainer = _Trainer(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(train_rows),
+                       processing_class=tok, callbacks=[_Callback()])
+    _log(f"GRPO: {t['steps']} steps x {t['prompts_per_step']} prompts x {t['generations']} completions, "
+         f"{t['max_new_tokens']} new tokens, lr {lr:g}, beta {t['beta']}, mode {t.get('mode', 'full')}, "
+         f"{'%d GPU(s)' % gpus if on_gpu else 'CPU'}; data: {data_desc}")
+    t_train = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t_train
+    final_step = trainer.state.global_step
+    validate(final_step, trainer)
+    if writer is not None:
+        writer.write({"step": final_step, "final": True, **state["pending"]})
+    checkpoint("final", trainer)
+    if driver is not None:
+        driver.remove()
+
+    summary: Dict[str, Any] = {}
+    if _is_main():
+        records = outputs.read_metrics(run_dir / "metrics.jsonl")
+        summary = outputs.summarize(cfg, records, extra={
+            "engine": "local (TRL GRPOTrainer)",
+            "device": (torch.cuda.get_device_name(0) if on_gpu else "cpu") + (f" x{gpus}" if gpus > 1 else ""),
+            "gpus": gpus,
+            "model": model_desc,
+            "data": data_desc,
+            "training": t,
+            "train_seconds": train_seconds,
+            "mean_step_seconds": (sum(state["step_times"]) / len(state["step_times"])) if state["step_times"] else None,
+            "quantized_modules": len(qhandle.modules) if qhandle is not None else 0,
+            "aqn_mode": driver.mode if driver is not None else None,
+            "checkpoints": sorted(str(p.relative_to(run_dir)) for p in (run_dir / "checkpoints").iterdir())
+            if (run_dir / "checkpoints").is_dir() else [],
+            "sample_completion": state["val"].get(final_step, {}).get("sample"),
+            "aqn_rs_version": aqn_rs.__version__,
+        })
+        outputs.write_summary(run_dir, summary)
+        outputs.plot_curves(run_dir, records, title=cfg["name"])
+        _log(f"done: {run_dir} (strict {summary['val_strict_initial'] * 100:.1f}% -> {summary['val_strict_final'] * 100:.1f}%, "
+             f"collapse verdict: {summary['collapse']['verdict']})")
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Worker entry under `accelerate launch`: `python -m aqn_rs.experiments.local RUN_DIR`."""
+    import yaml
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m aqn_rs.experiments.local RUN_DIR (with RUN_DIR/config.yaml)", file=sys.stderr)
+        return 2
+    run_dir = pathlib.Path(argv[0])
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        run_local(cfg, run_dir)
+    except ExperimentError as e:
+        print(f"aqn-rs: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
