@@ -290,7 +290,7 @@ def test_nvfp4_bf16_mismatch_rate_vs_compressed_tensors(ref, gs_from_f32_amax):
     moves codes within 2**-9 of an E2M1 boundary. Asserted: scales < 5%, codes < 3%."""
     _ct()
     tot = [0] * 6
-    for _, x in _nv_inputs(seed=5):
+    for _, x in _nv_inputs(seed=5, rows=128):
         if x.shape[-1] % 16:
             continue
         r = _nv_compare(ref, x.to(torch.bfloat16), gs_from_f32_amax=gs_from_f32_amax)

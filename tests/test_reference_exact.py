@@ -341,6 +341,19 @@ def test_0d_is_an_error():
             q.quantize(torch.tensor(1.0))
 
 
+def test_non_contiguous_input_is_handled_or_a_clear_error():
+    # DESIGN.md: non-contiguous inputs are either handled or a clear error
+    x = torch.randn(64, 48).t()
+    for q in (aqn_rs.Mxfp4Quantizer(), aqn_rs.Nvfp4Quantizer()):
+        try:
+            y = q.fake_quant(x)
+        except ValueError as e:
+            assert "contiguous" in str(e)
+        else:
+            want = (R.mxfp4_fake_quant if q.format == "mxfp4" else R.nvfp4_fake_quant)(x.contiguous())
+            assert_same_bits(y, want, "non-contiguous")
+
+
 # --- adversarial inputs ----------------------------------------------------------------------
 
 
