@@ -94,6 +94,11 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, str):
+        try:  # YAML 1.1 reads "3e-5" (no dot) as a string
+            parsed = float(parsed)
+        except ValueError:
+            pass
     return parts, parsed
 
 
@@ -140,6 +145,11 @@ def _need(cond: bool, msg: str) -> None:
 
 def _num(block: Dict[str, Any], key: str, where: str, lo: float = 0.0, integer: bool = False) -> None:
     v = block.get(key)
+    if isinstance(v, str):
+        try:  # YAML 1.1 reads "1e-5" (no dot) as a string
+            v = block[key] = float(v)
+        except ValueError:
+            pass
     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
     if integer:
         ok = ok and float(v).is_integer()
