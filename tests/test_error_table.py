@@ -37,19 +37,24 @@ def _bits_equal(a, b):
 
 @pytest.fixture(scope="module")
 def table():
-    aqn_rs = pytest.importorskip("aqn_rs")
-    mx = aqn_rs.Mxfp4Quantizer(scale_mode="floor")
-    nv = aqn_rs.Nvfp4Quantizer()
+    try:
+        import aqn_rs
+    except ImportError:  # extension not built: the table still comes from the reference
+        aqn_rs = None
     rows = {}
     for name, fn in DISTRIBUTIONS.items():
         x = fn(SHAPE, torch.Generator().manual_seed(SEED)).float().contiguous()
-        y_mx = mx.fake_quant(x)
-        y_nv = nv.fake_quant(x)
-        assert _bits_equal(y_mx, R.mxfp4_fake_quant(x, "floor")), f"{name}: MXFP4 API != reference"
-        assert _bits_equal(y_nv, R.nvfp4_fake_quant(x)), f"{name}: NVFP4 API != reference"
+        y_mx = R.mxfp4_fake_quant(x, "floor")
+        y_nv = R.nvfp4_fake_quant(x)
+        if aqn_rs is not None:
+            api_mx = aqn_rs.Mxfp4Quantizer(scale_mode="floor").fake_quant(x)
+            api_nv = aqn_rs.Nvfp4Quantizer().fake_quant(x)
+            assert _bits_equal(api_mx, y_mx), f"{name}: MXFP4 API != reference"
+            assert _bits_equal(api_nv, y_nv), f"{name}: NVFP4 API != reference"
         rows[name] = {"mxfp4": 100 * _rel_err(x, y_mx), "nvfp4": 100 * _rel_err(x, y_nv)}
     lines = [
-        f"relative error ||x - q(x)|| / ||x||, f32 {SHAPE[0]}x{SHAPE[1]}, seed {SEED}",
+        f"relative error ||x - q(x)|| / ||x||, f32 {SHAPE[0]}x{SHAPE[1]}, seed {SEED}"
+        + ("" if aqn_rs is not None else " (reference only: aqn_rs not built)"),
         f"{'distribution':<14}{'MXFP4 floor':>13}{'NVFP4':>9}",
     ]
     for name, r in rows.items():
