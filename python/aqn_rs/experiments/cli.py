@@ -142,12 +142,21 @@ def execute(cfg: Dict[str, Any]) -> Dict[str, Any]:
     _fresh_run_dir(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     gpus = int(cfg["run"]["gpus"])
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--multi_gpu",
-               "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
-               "-m", "aqn_rs.experiments.local", str(run_dir)]
-        print("[aqn-rs] " + " ".join(cmd), file=sys.stderr, flush=True)
-        rc = subprocess.call(cmd)
+    visible = _visible_gpus()
+    env = dict(os.environ)
+    if 0 < gpus < visible:
+        # Use the first `gpus` devices only (Trainer would wrap one process in DataParallel).
+        ids = [x for x in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()] or [str(i) for i in range(visible)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:gpus])
+    if "WORLD_SIZE" not in os.environ and (gpus > 1 or 0 < gpus < visible):
+        if gpus > 1:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--multi_gpu",
+                   "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+                   "-m", "aqn_rs.experiments.local", str(run_dir)]
+        else:
+            cmd = [sys.executable, "-m", "aqn_rs.experiments.local", str(run_dir)]
+        print(f"[aqn-rs] CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')} " + " ".join(cmd), file=sys.stderr, flush=True)
+        rc = subprocess.call(cmd, env=env)
         if rc != 0:
             raise ExperimentError(f"the {gpus}-GPU run exited with status {rc} (see the output above)")
         import json

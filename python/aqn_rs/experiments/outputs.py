@@ -176,11 +176,12 @@ def plot_curves(run_dir: pathlib.Path, records: Sequence[Dict[str, Any]], title:
     for key, label, ax in panels:
         pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if key == "val_strict":
-            fl = [(r["step"], r["val_flexible"]) for r in records if r.get("val_flexible") is not None]
+            fl = [(r["step"], 100 * r["val_flexible"]) for r in records if r.get("val_flexible") is not None]
             if fl:
                 ax.plot(*zip(*fl), "o--", label="flexible")
             if pts:
-                ax.plot(*zip(*pts), "o-", label="strict")
+                ax.plot(*zip(*[(s, 100 * v) for s, v in pts]), "o-", label="strict")
+            ax.set_ylabel("%")
             ax.legend()
         elif pts:
             ax.plot(*zip(*pts), "-")
@@ -219,7 +220,7 @@ def load_run(run_dir: pathlib.Path) -> Dict[str, Any]:
 def results_table(runs: Sequence[Dict[str, Any]]) -> str:
     """The plan's results table (markdown) of loaded runs."""
     head = ("| run | quantization | AQN | steps | strict @0 | strict final | gain (pts) | flexible final "
-            "| entropy final | collapse (entropy > thr at step >= k) | s/step | plan reported |")
+            "| entropy final | collapse (entropy > thr at step >= k) | s/step | plan reported (Qwen2.5-1.5B, GSM8K) |")
     lines = [head, "|" + "---|" * 12]
     for r in runs:
         s = r["summary"]
@@ -244,13 +245,13 @@ def plot_compare(runs: Sequence[Dict[str, Any]], out: pathlib.Path) -> Optional[
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
         name = r["summary"].get("name")
-        acc = _val_points(r["records"])
+        acc = [(s, 100 * v) for s, v in _val_points(r["records"])]
         if acc:
             a1.plot(*zip(*acc), "o-", label=name)
         ent = [(x["step"], x["entropy"]) for x in r["records"] if x.get("entropy") is not None]
         if ent:
             a2.plot(*zip(*ent), "-", label=name)
-    a1.set_title("validation strict accuracy (greedy)")
+    a1.set_title("validation strict accuracy, % (greedy)")
     a2.set_title("policy entropy")
     a2.axhline(1.0, color="red", lw=0.8, ls=":")
     for a in (a1, a2):
