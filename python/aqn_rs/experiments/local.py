@@ -250,6 +250,8 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
 
     import aqn_rs
 
+    # Everything is read from local files; never wait on a hub that is not reachable.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run = cfg["run"]
     gpus = int(run["gpus"])
     on_gpu = gpus > 0
