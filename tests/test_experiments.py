@@ -147,6 +147,13 @@ def test_gsm8k_jsonl_loads():
     assert rows[0]["answer"] == reward.ground_truth(test[0]["answer"])
 
 
+def test_builtin_mix_is_configurable():
+    _, test, desc = data.load_data(None, eval_size=60, mix={"add_sub": 1, "mul_div": 0, "two_step": 1})
+    assert {r["level"] for r in test} == {1, 3} and "add_sub 50%" in desc
+    with pytest.raises(ExperimentError, match="unknown level"):
+        data.parse_mix({"three_step": 1})
+
+
 def test_bad_data_errors(tmp_path):
     with pytest.raises(ExperimentError, match="does not exist"):
         data.load_data(str(tmp_path / "missing.jsonl"))
@@ -428,10 +435,13 @@ def test_lora_mode_on_a_tiny_model(tmp_path, capsys):
     transformers.LlamaForCausalLM(cfg).save_pretrained(tiny)
     tok.save_pretrained(tiny)
     rc, out, err = _cli(["run", "nvfp4-aqn", "--model", str(tiny), "--output", str(tmp_path / "runs"), *TINY,
-                         "--set", "training.mode=lora", "--set", "training.lora.r=4"], capsys)
+                         "--set", "training.mode=lora", "--set", "training.lora.r=4",
+                         "--set", "training.sft_warmup_steps=2", "--set", "training.sft_batch_size=2"], capsys)
     assert rc == 0, err
     run = tmp_path / "runs" / "nvfp4-aqn"
     recs = [r for r in outputs.read_metrics(run / "metrics.jsonl") if "reward" in r]
     assert len(recs) == 3 and all(_finite(r["entropy"]) and _finite(r["sigma"]) for r in recs)
     m = transformers.AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "final")
     assert not any("lora" in k for k in m.state_dict())
+    s = json.loads((run / "summary.json").read_text())
+    assert s["sft_warmup"]["steps"] == 2 and _finite(s["sft_warmup"]["loss_last"])

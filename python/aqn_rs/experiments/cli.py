@@ -100,6 +100,8 @@ def prepare(args, extra_overrides: Optional[List[str]] = None, name: Optional[st
     t = presets.effective_training(cfg, gpus > 0)
     if args.data is not None:
         data_mod.load_data(args.data, eval_size=int(t["eval_size"]))  # readable and well-formed
+    else:
+        data_mod.parse_mix((cfg.get("data") or {}).get("builtin_mix"))
     _check_engine_packages(gpus)
     run_name = name or args.name or cfg["name"]
     cfg["run"] = {

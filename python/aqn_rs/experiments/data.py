@@ -158,7 +158,26 @@ def read_jsonl(path: pathlib.Path) -> List[Dict[str, Any]]:
     return out
 
 
-def load_data(path: Optional[str], train_size: Optional[int] = None, eval_size: int = 200
+def parse_mix(mix: Any) -> Tuple[Tuple[str, float], ...]:
+    """A level mix from a mapping {add_sub: w, mul_div: w, two_step: w} (None: the default)."""
+    if mix is None:
+        return BUILTIN_MIX
+    if not isinstance(mix, dict) or not mix:
+        raise ExperimentError(f"data.builtin_mix must be a mapping of level -> weight, got {mix!r}")
+    out = []
+    for k, w in mix.items():
+        if k not in _LEVELS:
+            raise ExperimentError(f"data.builtin_mix: unknown level {k!r}; expected {sorted(_LEVELS)}")
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+            raise ExperimentError(f"data.builtin_mix.{k} must be a weight >= 0, got {w!r}")
+        if w > 0:
+            out.append((k, float(w)))
+    if not out:
+        raise ExperimentError("data.builtin_mix gives every level weight 0")
+    return tuple(out)
+
+
+def load_data(path: Optional[str], train_size: Optional[int] = None, eval_size: int = 200, mix: Any = None
               ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], str]:
     """(train records, validation records, description) for `--data PATH` or the built-in task.
 
@@ -166,11 +185,15 @@ def load_data(path: Optional[str], train_size: Optional[int] = None, eval_size: 
         path: a folder with train.jsonl and test.jsonl, one jsonl file, or None (built-in).
         train_size: built-in task: how many training problems (default 5000).
         eval_size: at most this many validation problems (the first ones of the test split).
+        mix: built-in task: {level: weight} (preset key `data.builtin_mix`; None: 40/30/30).
     """
     if path is None:
-        train = builtin_problems("train", train_size or 5000)
-        test = builtin_problems("test", eval_size)
-        return train, test, "builtin arithmetic word problems (levels add_sub 40%, mul_div 30%, two_step 30%)"
+        m = parse_mix(mix)
+        train = builtin_problems("train", train_size or 5000, m)
+        test = builtin_problems("test", eval_size, m)
+        total = sum(w for _, w in m)
+        levels = ", ".join(f"{k} {100 * w / total:.0f}%" for k, w in m)
+        return train, test, f"builtin arithmetic word problems (levels {levels})"
     p = pathlib.Path(path)
     if p.is_dir():
         tr, te = p / "train.jsonl", p / "test.jsonl"

@@ -88,6 +88,54 @@ def evaluate(model, tok, records: Sequence[Dict[str, Any]], max_new_tokens: int,
     return res
 
 
+# ---- SFT warm-up -----------------------------------------------------------------------------
+
+
+def sft_warmup(model, tok, records: Sequence[Dict[str, Any]], steps: int, lr: float, batch_size: int, seed: int,
+               device, autocast_bf16: bool = False, log=None) -> List[float]:
+    """Supervised steps on worked answers before GRPO (issue 5: W4A16 SmolLM2 starts with so
+    little strict-format output that GRPO gets no reward signal). Trains exactly what GRPO
+    trains (all weights through the STE, or the LoRA adapters), on the same chat prompt; the
+    loss covers the answer tokens only. Returns the loss of every step.
+    """
+    import random
+
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    r = random.Random(seed)
+    model.train()
+    losses: List[float] = []
+    pad = tok.pad_token_id
+    for i in range(steps):
+        batch = r.sample(list(records), min(batch_size, len(records)))
+        ids, labels = [], []
+        for rec in batch:
+            prompt = tok.apply_chat_template(data_mod.prompt_messages(str(rec["question"])), tokenize=False,
+                                             add_generation_prompt=True)
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            a_ids = tok(str(rec["answer"]) + tok.eos_token, add_special_tokens=False)["input_ids"]
+            ids.append(p_ids + a_ids)
+            labels.append([-100] * len(p_ids) + a_ids)
+        n = max(len(x) for x in ids)
+        mask = [[1] * len(x) + [0] * (n - len(x)) for x in ids]
+        ids = [x + [pad] * (n - len(x)) for x in ids]
+        labels = [x + [-100] * (n - len(x)) for x in labels]
+        t = lambda v: torch.tensor(v, device=device)  # noqa: E731
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            loss = model(input_ids=t(ids), attention_mask=t(mask), labels=t(labels)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if log is not None and (i == 0 or (i + 1) % 10 == 0 or i + 1 == steps):
+            log(f"SFT warm-up step {i + 1}/{steps}: loss {losses[-1]:.4f}")
+    del opt
+    return losses
+
+
 # ---- AQN driver ------------------------------------------------------------------------------
 
 
@@ -258,7 +306,8 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
     t = presets.effective_training(cfg, on_gpu)
     set_seed(int(t["seed"]))
     folder, gguf, model_desc = resolve_model(run.get("model"))
-    train_recs, eval_recs, data_desc = data_mod.load_data(run.get("data"), eval_size=int(t["eval_size"]))
+    train_recs, eval_recs, data_desc = data_mod.load_data(run.get("data"), eval_size=int(t["eval_size"]),
+                                                          mix=(cfg.get("data") or {}).get("builtin_mix"))
     train_rows = data_mod.to_prompt_records(train_recs)
     eval_rows = data_mod.to_prompt_records(eval_recs)
 
@@ -290,6 +339,14 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
             r=int(lcfg.get("r", 32)), lora_alpha=int(lcfg.get("alpha", 64)), lora_dropout=float(lcfg.get("dropout", 0.0)),
             target_modules=lcfg.get("target_modules", "all-linear"), task_type="CAUSAL_LM"))
         lr = float(lcfg.get("learning_rate", lr))
+
+    sft_losses: List[float] = []
+    n_sft = int(t.get("sft_warmup_steps") or 0)
+    if n_sft > 0:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+        model.to(device)
+        sft_losses = sft_warmup(model, tok, train_recs, n_sft, float(t.get("sft_learning_rate", 1e-5)),
+                                int(t.get("sft_batch_size", 16)), int(t["seed"]), device, autocast_bf16=on_gpu, log=_log)
 
     driver = None
     nk = presets.noise_kwargs(cfg)
@@ -405,6 +462,8 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
             "mean_step_seconds": (sum(state["step_times"]) / len(state["step_times"])) if state["step_times"] else None,
             "quantized_modules": len(qhandle.modules) if qhandle is not None else 0,
             "aqn_mode": driver.mode if driver is not None else None,
+            "sft_warmup": {"steps": len(sft_losses), "loss_first": sft_losses[0], "loss_last": sft_losses[-1]}
+            if sft_losses else None,
             "checkpoints": sorted(str(p.relative_to(run_dir)) for p in (run_dir / "checkpoints").iterdir())
             if (run_dir / "checkpoints").is_dir() else [],
             "sample_completion": state["val"].get(final_step, {}).get("sample"),

@@ -203,7 +203,8 @@ def validate(cfg: Dict[str, Any]) -> None:
     for k in ("steps", "prompts_per_step", "max_new_tokens", "eval_size"):
         _num(t, k, "training", lo=1, integer=True)
     _num(t, "generations", "training", lo=2, integer=True)  # GRPO needs a group of >= 2
-    for k in ("eval_every", "save_every", "seed"):
+    t.setdefault("sft_warmup_steps", 0)
+    for k in ("eval_every", "save_every", "seed", "sft_warmup_steps"):
         _num(t, k, "training", lo=0, integer=True)
     for k in ("learning_rate", "beta", "temperature"):
         _num(t, k, "training")
