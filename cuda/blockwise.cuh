@@ -56,17 +56,6 @@ __device__ __forceinline__ float dequantize_elem(uint32_t code, float dec) {
     return u2f(f2u(v) ^ ((code & 8u) << 28));
 }
 
-// Vector index of the u-th vector of this thread in iteration `base`. With `reverse` the
-// tensor is walked from its end: right after the amax pass, whose last reads are the end
-// of the tensor, those lines are still in L2. Groups of TPB lanes stay aligned to blocks
-// (n_vec is a multiple of TPB).
-__device__ __forceinline__ long long vec_index(long long base, int u, long long n_vec,
-                                                bool reverse, bool& in_range) {
-    long long i = base + (long long)u * blockDim.x + threadIdx.x;
-    in_range = i < n_vec;
-    return reverse ? n_vec - 1 - i : i;
-}
-
 // max over the TPB consecutive lanes that share a block (TPB a power of two <= 32).
 template <int TPB>
 __device__ __forceinline__ uint32_t group_max(uint32_t m) {
@@ -78,9 +67,24 @@ __device__ __forceinline__ uint32_t group_max(uint32_t m) {
 // ---------------------------------------------------------------------------------------
 // Vector kernels (flat run of whole blocks).
 
-template <typename T, typename Rule>
-__device__ __forceinline__ void fake_quant_vec(const Args& a, const Rule& rule) {
+// Loads this thread's U vectors of iteration `base` (zeros past the end).
+template <int U>
+__device__ __forceinline__ void load_vecs(const uint4* __restrict__ x, long long base,
+                                          long long n_vec, uint4 (&v)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        long long i = base + (long long)u * blockDim.x + threadIdx.x;
+        v[u] = i < n_vec ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// RuleOf::make(a) builds the rule once per CTA. It runs after the first loads are issued:
+// NVFP4's rule folds the amax partials (an L2 round trip and a barrier), which then hides
+// behind the latency of those loads instead of stalling every CTA at its start.
+template <typename T, typename RuleOf>
+__device__ __forceinline__ void fake_quant_vec(const Args& a) {
     using D = Dtype<T>;
+    using Rule = decltype(RuleOf::make(a));
     constexpr int EPV = D::EPV;
     constexpr int TPB = Rule::BLOCK / EPV;
     constexpr int U = VEC_UNROLL;
@@ -88,24 +92,18 @@ __device__ __forceinline__ void fake_quant_vec(const Args& a, const Rule& rule) 
     uint4* __restrict__ out = static_cast<uint4*>(a.out);
     const long long n_vec = a.rows * a.k / EPV;
     const long long stride = (long long)gridDim.x * blockDim.x * U;
-    const bool reverse = (a.flags & FLAG_REVERSE) != 0;
-    const bool evict_first = (a.flags & FLAG_L2_EVICT_FIRST) != 0;
-    const uint64_t policy = evict_first ? l2_policy_evict_first() : 0;
+    const long long base0 = (long long)blockIdx.x * blockDim.x * U;
+    uint4 v[U];
+    load_vecs(x, base0, n_vec, v);
+    const Rule rule = RuleOf::make(a);  // every thread, before the loop (it may sync)
     // `base` is uniform over the CTA, so every lane reaches the shuffles.
-    for (long long base = (long long)blockIdx.x * blockDim.x * U; base < n_vec; base += stride) {
-        uint4 v[U];
+    for (long long base = base0; base < n_vec; base += stride) {
+        if (base != base0) load_vecs(x, base, n_vec, v);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            bool ok;
-            long long i = vec_index(base, u, n_vec, reverse, ok);
-            v[u] = !ok ? make_uint4(0, 0, 0, 0) : evict_first ? ldg_hint(x + i, policy) : __ldg(x + i);
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            bool ok;
-            long long i = vec_index(base, u, n_vec, reverse, ok);
+            long long i = base + (long long)u * blockDim.x + threadIdx.x;
             uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
-            if (!ok) continue;  // whole groups are out together (n_vec % TPB == 0)
+            if (i >= n_vec) continue;  // whole groups are out together (n_vec % TPB == 0)
             if (m >= NON_FINITE_ABS_BITS) {
                 out[i] = D::nan_vec();
                 continue;
@@ -120,32 +118,27 @@ __device__ __forceinline__ void fake_quant_vec(const Args& a, const Rule& rule) 
     }
 }
 
-template <typename T, typename Rule>
-__device__ __forceinline__ void quantize_vec(const Args& a, const Rule& rule) {
+template <typename T, typename RuleOf>
+__device__ __forceinline__ void quantize_vec(const Args& a) {
     using D = Dtype<T>;
+    using Rule = decltype(RuleOf::make(a));
     constexpr int EPV = D::EPV;
     constexpr int TPB = Rule::BLOCK / EPV;
     constexpr int U = VEC_UNROLL;
     const uint4* __restrict__ x = static_cast<const uint4*>(a.x);
     const long long n_vec = a.rows * a.k / EPV;
     const long long stride = (long long)gridDim.x * blockDim.x * U;
-    const bool reverse = (a.flags & FLAG_REVERSE) != 0;
-    const bool evict_first = (a.flags & FLAG_L2_EVICT_FIRST) != 0;
-    const uint64_t policy = evict_first ? l2_policy_evict_first() : 0;
-    for (long long base = (long long)blockIdx.x * blockDim.x * U; base < n_vec; base += stride) {
-        uint4 v[U];
+    const long long base0 = (long long)blockIdx.x * blockDim.x * U;
+    uint4 v[U];
+    load_vecs(x, base0, n_vec, v);
+    const Rule rule = RuleOf::make(a);  // every thread, before the loop (it may sync)
+    for (long long base = base0; base < n_vec; base += stride) {
+        if (base != base0) load_vecs(x, base, n_vec, v);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            bool ok;
-            long long i = vec_index(base, u, n_vec, reverse, ok);
-            v[u] = !ok ? make_uint4(0, 0, 0, 0) : evict_first ? ldg_hint(x + i, policy) : __ldg(x + i);
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            bool ok;
-            long long i = vec_index(base, u, n_vec, reverse, ok);
+            long long i = base + (long long)u * blockDim.x + threadIdx.x;
             uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
-            if (!ok) continue;
+            if (i >= n_vec) continue;
             uint32_t packed = 0, byte;
             if (m >= NON_FINITE_ABS_BITS) {
                 byte = Rule::NAN_BYTE;  // codes stay 0
@@ -168,9 +161,11 @@ __device__ __forceinline__ void quantize_vec(const Args& a, const Rule& rule) {
     }
 }
 
-template <typename T, typename Rule>
-__device__ __forceinline__ void dequantize_vec(const Args& a, const Rule& rule) {
+template <typename T, typename RuleOf>
+__device__ __forceinline__ void dequantize_vec(const Args& a) {
     using D = Dtype<T>;
+    using Rule = decltype(RuleOf::make(a));
+    const Rule rule = RuleOf::make(a);
     constexpr int EPV = D::EPV;
     constexpr int TPB = Rule::BLOCK / EPV;
     constexpr int U = VEC_UNROLL;
@@ -307,31 +302,31 @@ __device__ __forceinline__ void dequantize_scalar(const Args& a, const Rule& rul
 }  // namespace aqn
 
 // One set of entry points per (format, dtype): extern "C" names `<op>_<format>_<dtype>`
-// (vector kernels) and `<op>_<format>_<dtype>_scalar` (any k). RULE and DEQ_RULE are
-// expressions building the format's rule from `a` for the encode and the decode direction
-// (they may use shared memory and __syncthreads: they run first, in every thread).
-#define AQN_FP4_KERNELS(FMT, T, DT, RULE, DEQ_RULE)                                                     \
-    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
-        fake_quant_##FMT##_##DT(const aqn::Args a) {                                         \
-        aqn::fake_quant_vec<T>(a, RULE);                                                     \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
-        quantize_##FMT##_##DT(const aqn::Args a) {                                           \
-        aqn::quantize_vec<T>(a, RULE);                                                       \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
-        dequantize_##FMT##_##DT(const aqn::Args a) {                                         \
-        aqn::dequantize_vec<T>(a, DEQ_RULE);                                               \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
-        fake_quant_##FMT##_##DT##_scalar(const aqn::Args a) {                                \
-        aqn::fake_quant_scalar<T>(a, RULE);                                                  \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
-        quantize_##FMT##_##DT##_scalar(const aqn::Args a) {                                  \
-        aqn::quantize_scalar<T>(a, RULE);                                                    \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                           \
-        dequantize_##FMT##_##DT##_scalar(const aqn::Args a) {                                \
-        aqn::dequantize_scalar<T>(a, DEQ_RULE);                                            \
+// (vector kernels) and `<op>_<format>_<dtype>_scalar` (any k). RULE_OF and DEQ_RULE_OF are
+// types whose static `make(a)` builds the format's rule for the encode and the decode
+// direction (it may use shared memory and __syncthreads: every thread calls it once).
+#define AQN_FP4_KERNELS(FMT, T, DT, RULE_OF, DEQ_RULE_OF)                                  \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                        \
+        fake_quant_##FMT##_##DT(const aqn::Args a) {                                      \
+        aqn::fake_quant_vec<T, RULE_OF>(a);                                               \
+    }                                                                                     \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                        \
+        quantize_##FMT##_##DT(const aqn::Args a) {                                        \
+        aqn::quantize_vec<T, RULE_OF>(a);                                                 \
+    }                                                                                     \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                        \
+        dequantize_##FMT##_##DT(const aqn::Args a) {                                      \
+        aqn::dequantize_vec<T, DEQ_RULE_OF>(a);                                           \
+    }                                                                                     \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                        \
+        fake_quant_##FMT##_##DT##_scalar(const aqn::Args a) {                             \
+        aqn::fake_quant_scalar<T>(a, RULE_OF::make(a));                                   \
+    }                                                                                     \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                        \
+        quantize_##FMT##_##DT##_scalar(const aqn::Args a) {                               \
+        aqn::quantize_scalar<T>(a, RULE_OF::make(a));                                     \
+    }                                                                                     \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                        \
+        dequantize_##FMT##_##DT##_scalar(const aqn::Args a) {                             \
+        aqn::dequantize_scalar<T>(a, DEQ_RULE_OF::make(a));                               \
     }

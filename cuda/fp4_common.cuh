@@ -31,34 +31,7 @@ struct Args {
     float amax_value;       // NVFP4: host-given amax (when n_amax == 0)
     float gs_value;         // NVFP4 dequantize: host-given global scale (when gs_src is null)
     int mode;               // MXFP4 scale mode: 0 floor, 1 rceil, 2 even, 3 ceil
-    int flags;              // FLAG_* below
-    long long l2_keep;      // amax pass: bytes at the end of x to load with L2 evict_last
 };
-
-// Walk the vectors from the end of the tensor (set after an amax pass: L2 still holds the end).
-constexpr int FLAG_REVERSE = 1;
-// Load x with the L2 evict_first policy (after an amax pass that kept lines with evict_last:
-// this reads them once more and lets them go).
-constexpr int FLAG_L2_EVICT_FIRST = 2;
-
-// 16-byte read-only load with an L2 eviction policy (sm_80+: createpolicy + cache_hint).
-__device__ __forceinline__ uint64_t l2_policy_evict_last() {
-    uint64_t p;
-    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
-    return p;
-}
-__device__ __forceinline__ uint64_t l2_policy_evict_first() {
-    uint64_t p;
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-    return p;
-}
-__device__ __forceinline__ uint4 ldg_hint(const uint4* ptr, uint64_t policy) {
-    uint4 v;
-    asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(ptr), "l"(policy));
-    return v;
-}
 
 // ---------------------------------------------------------------------------------------
 // f32 bit helpers.

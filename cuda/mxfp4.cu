@@ -61,10 +61,12 @@ struct MxRule {
     }
 };
 
-__device__ __forceinline__ MxRule mx_rule(const Args& a) { return MxRule{a.mode}; }
+struct MxRuleOf {
+    __device__ __forceinline__ static MxRule make(const Args& a) { return MxRule{a.mode}; }
+};
 
 }  // namespace aqn
 
-AQN_FP4_KERNELS(mxfp4, float, f32, aqn::mx_rule(a), aqn::mx_rule(a))
-AQN_FP4_KERNELS(mxfp4, __nv_bfloat16, bf16, aqn::mx_rule(a), aqn::mx_rule(a))
-AQN_FP4_KERNELS(mxfp4, __half, f16, aqn::mx_rule(a), aqn::mx_rule(a))
+AQN_FP4_KERNELS(mxfp4, float, f32, aqn::MxRuleOf, aqn::MxRuleOf)
+AQN_FP4_KERNELS(mxfp4, __nv_bfloat16, bf16, aqn::MxRuleOf, aqn::MxRuleOf)
+AQN_FP4_KERNELS(mxfp4, __half, f16, aqn::MxRuleOf, aqn::MxRuleOf)

@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--overhead-detail", action="store_true", help="break the per-call overhead down")
     ap.add_argument("--overhead-only", action="store_true", help="stop after the overhead table")
     ap.add_argument("--tune", action="store_true", help="sweep the grid/amax/walk-order knobs first")
+    ap.add_argument("--diag", action="store_true", help="read-bandwidth diagnostics (torch reductions, graph-replay timing)")
     args = ap.parse_args()
     if args.extract_peers:
         extract_peers(args.extract_peers)
@@ -134,7 +135,7 @@ def main():
 
     say(f"Card: **{card}** ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), "
         f"torch {torch.__version__}, aqn-rs {aqn_rs.__version__}, archs {_cuda.build_archs()}, "
-        f"tuning (CTAs/SM, amax CTAs/SM, walk from the end after amax, L2 keep MiB) = {rs.cuda_set_tuning()}")
+        f"tuning (CTAs/SM, amax CTAs/SM) = {rs.cuda_set_tuning()}")
     say()
 
     def bench(fn):
@@ -206,23 +207,56 @@ def main():
     if args.tune:
         say("## Knob sweep, bf16 4096x14336 (ms)")
         say()
-        say("| CTAs/SM | amax CTAs/SM | walk after amax | L2 keep MiB | mxfp4 floor | nvfp4 given | nvfp4 incl. amax | amax |")
-        say("|---|---|---|---|---|---|---|---|")
+        say("| CTAs/SM | amax CTAs/SM | PDL | mxfp4 floor | nvfp4 given | nvfp4 incl. amax | amax |")
+        say("|---|---|---|---|---|---|---|")
         x = torch.randn(4096, 14336, device=dev).to(torch.bfloat16)
         am = x.float().abs().max()
         default = rs.cuda_set_tuning()
-        configs = [(32, 2, True, 0), (32, 2, False, 0), (32, 4, True, 0)]
-        configs += [(32, 2, True, k) for k in (8, 16, 24, 32, 40)]
-        configs += [(32, 4, True, 24), (16, 2, True, 0), (1000, 2, True, 0)]
-        for cps, acps, rev, keep in configs:
-            rs.cuda_set_tuning(cps, acps, rev, keep)
+        for cps, acps, pdl in [(8, 2, True), (16, 2, True), (32, 1, True), (32, 2, True), (32, 4, True),
+                               (64, 2, True), (1000, 2, True), (32, 2, False)]:
+            rs.cuda_set_tuning(cps, acps, pdl)
             tm = bench(lambda: _cuda.fake_quant(x, "mxfp4", "floor", None))
             tg = bench(lambda: _cuda.fake_quant(x, "nvfp4", "floor", am))
             ti = bench(lambda: _cuda.fake_quant(x, "nvfp4", "floor", None))
             ta = bench(lambda: _cuda.amax(x))
-            say(f"| {cps} | {acps} | {'end first' if rev else 'forward'} | {keep} | {tm:.4f} | {tg:.4f} | {ti:.4f} | {ta:.4f} |")
+            say(f"| {cps} | {acps} | {pdl} | {tm:.4f} | {tg:.4f} | {ti:.4f} | {ta:.4f} |")
         rs.cuda_set_tuning(*default)
         del x
+        say()
+
+    if args.diag:
+        say("## Diagnostics, bf16 4096x14336 (ms): read-only passes, and timing by CUDA-graph replay")
+        say()
+        x = torch.randn(4096, 14336, device=dev).to(torch.bfloat16)
+        y = torch.empty_like(x)
+        am = x.float().abs().max()
+        say("| what | do_bench (L2 flushed) | graph replay (no flush) |")
+        say("|---|---|---|")
+
+        def both(name, fn):
+            a = bench(fn)
+            try:
+                b = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            except Exception as e:  # noqa: BLE001
+                b = f"failed: {type(e).__name__}"
+            say(f"| {name} | {a:.4f} | {b if isinstance(b, str) else f'{b:.4f}'} |")
+
+        both("y.copy_(x)", lambda: y.copy_(x))
+        both("torch.amax(x) (torch's read-only reduction)", lambda: torch.amax(x))
+        both("x.sum()", lambda: x.sum())
+        default = rs.cuda_set_tuning()
+        for acps in (2, 4):
+            for pdl in (True, False):
+                rs.cuda_set_tuning(None, acps, pdl)
+                both(f"aqn nvfp4 incl. amax, amax pass {acps} CTAs/SM, PDL {pdl}",
+                     lambda: _cuda.fake_quant(x, "nvfp4", "floor", None))
+            both(f"aqn amax, {acps} CTAs/SM", lambda: _cuda.amax(x))
+        rs.cuda_set_tuning(*default)
+        both("aqn amax() then nvfp4 with that amax tensor (3 kernels)",
+             lambda: _cuda.fake_quant(x, "nvfp4", "floor", _cuda.amax(x)))
+        both("aqn mxfp4 floor", lambda: _cuda.fake_quant(x, "mxfp4", "floor", None))
+        both("aqn nvfp4 amax given", lambda: _cuda.fake_quant(x, "nvfp4", "floor", am))
+        del x, y
         say()
 
     # --- Bandwidth table ---------------------------------------------------------------------

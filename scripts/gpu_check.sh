@@ -3,12 +3,12 @@
 # compute-sanitizer): install the wheel, run the GPU test suite, compute-sanitizer memcheck
 # and racecheck on the quick suite, and the benchmark (order: test, bench, sanitize).
 #
-#   bash scripts/gpu_check.sh [WHEEL]        # default: the newest .whl/aqn_rs-*.whl
+#   bash scripts/gpu_check.sh [WHEEL]   # default: the newest .whl_cuda/ or .whl/aqn_rs-*.whl
 #
 # STAGES (comma-separated, default "test,sanitize,bench") picks stages; each writes its log
 # under $OUT (default /tmp/aqn_gpu_check). The machine has no rustc: build the wheel
-# elsewhere (maturin build --release --zig --compatibility manylinux_2_17 -o .whl) and carry
-# .whl (and .peers for the peer kernels, see scripts/bench_kernels.py).
+# elsewhere (maturin build --release --zig --compatibility manylinux_2_17 -o .whl_cuda), carry
+# .whl_cuda (and .peers for the peer kernels, see scripts/bench_kernels.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/aqn_gpu_check}
@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
-WHL=${1:-$(ls -t .whl/aqn_rs-*.whl 2>/dev/null | head -1)}
+WHL=${1:-$(ls -t .whl_cuda/aqn_rs-*.whl .whl/aqn_rs-*.whl 2>/dev/null | head -1)}
 if [ -z "$WHL" ]; then
     echo "no wheel given and none in .whl/"
     exit 2

@@ -204,41 +204,25 @@ mod imp {
     /// `sms * CTAS_PER_SM` CTAs (grid-stride beyond), the amax at most `sms * AMAX_CTAS_PER_SM`.
     static CTAS_PER_SM: AtomicU32 = AtomicU32::new(32);
     static AMAX_CTAS_PER_SM: AtomicU32 = AtomicU32::new(2);
-    /// After an amax pass, walk the tensor from its end (FLAG_REVERSE).
-    static REVERSE: AtomicBool = AtomicBool::new(true);
-    /// MiB at the end of the tensor that the amax pass loads with L2 evict_last (and the pass
-    /// after it with evict_first); 0 = plain loads.
-    static L2_KEEP_MB: AtomicU32 = AtomicU32::new(0);
-    /// cuda/fp4_common.cuh FLAG_*.
-    const FLAG_REVERSE: i32 = 1;
-    const FLAG_L2_EVICT_FIRST: i32 = 2;
-
-    pub fn set_tuning(
-        ctas_per_sm: Option<u32>,
-        amax_ctas_per_sm: Option<u32>,
-        reverse: Option<bool>,
-        l2_keep_mb: Option<u32>,
-    ) {
+    /// Programmatic dependent launch of the kernel after an amax pass (sm_90+).
+    static PDL: AtomicBool = AtomicBool::new(true);
+    pub fn set_tuning(ctas_per_sm: Option<u32>, amax_ctas_per_sm: Option<u32>, pdl: Option<bool>) {
+        if let Some(v) = pdl {
+            PDL.store(v, Ordering::Relaxed);
+        }
         if let Some(v) = ctas_per_sm {
             CTAS_PER_SM.store(v.max(1), Ordering::Relaxed);
         }
         if let Some(v) = amax_ctas_per_sm {
             AMAX_CTAS_PER_SM.store(v.max(1), Ordering::Relaxed);
         }
-        if let Some(v) = reverse {
-            REVERSE.store(v, Ordering::Relaxed);
-        }
-        if let Some(v) = l2_keep_mb {
-            L2_KEEP_MB.store(v, Ordering::Relaxed);
-        }
     }
 
-    pub fn tuning() -> (u32, u32, bool, u32) {
+    pub fn tuning() -> (u32, u32, bool) {
         (
             CTAS_PER_SM.load(Ordering::Relaxed),
             AMAX_CTAS_PER_SM.load(Ordering::Relaxed),
-            REVERSE.load(Ordering::Relaxed),
-            L2_KEEP_MB.load(Ordering::Relaxed),
+            PDL.load(Ordering::Relaxed),
         )
     }
 
@@ -259,8 +243,6 @@ mod imp {
         amax_value: f32,
         gs_value: f32,
         mode: i32,
-        flags: i32,
-        l2_keep: i64,
     }
 
     impl KernelArgs {
@@ -279,8 +261,6 @@ mod imp {
                 amax_value: 0.0,
                 gs_value: 0.0,
                 mode: 0,
-                flags: 0,
-                l2_keep: 0,
             }
         }
     }
@@ -322,6 +302,8 @@ mod imp {
         amax_partials: [Func; 3],
         amax_finalize: Func,
         sms: u32,
+        /// Compute capability major (programmatic dependent launch needs 9+).
+        cc_major: i32,
     }
     // SAFETY: the primary context handle is process-wide and retained for the life of the
     // process; CUDA contexts may be made current on any thread.
@@ -480,6 +462,7 @@ mod imp {
         let mut dev: sys::CUdevice = 0;
         let mut ctx: sys::CUcontext = std::ptr::null_mut();
         let mut sms = 0i32;
+        let mut cc_major = 0i32;
         // SAFETY: valid out-pointers; the primary context is retained for the process's
         // life (torch retains the same one), never released.
         unsafe {
@@ -493,6 +476,14 @@ mod imp {
                 sys::cuDeviceGetAttribute(
                     &mut sms,
                     sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                    dev,
+                ),
+            )?;
+            check(
+                "cuDeviceGetAttribute",
+                sys::cuDeviceGetAttribute(
+                    &mut cc_major,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
                     dev,
                 ),
             )?;
@@ -530,6 +521,7 @@ mod imp {
             amax_partials,
             amax_finalize,
             sms: sms.max(1) as u32,
+            cc_major,
         })
     }
 
@@ -684,6 +676,46 @@ mod imp {
             check_ptr(what, ptr, bytes, align, self.ordinal)
         }
 
+        /// Launches `f` after the amax pass just enqueued, as a programmatic dependent launch
+        /// where the device has it (sm_90+): its CTAs start while the amax pass drains and
+        /// wait for it (`griddepcontrol.wait`) only before reading the partials.
+        fn launch_after_amax(
+            &self,
+            f: Func,
+            grid: u64,
+            block: u32,
+            args: &KernelArgs,
+        ) -> Result<()> {
+            if self.dev.cc_major < 9 || !PDL.load(Ordering::Relaxed) {
+                return self.launch(f, grid, block, args);
+            }
+            let grid = grid.clamp(1, i32::MAX as u64) as u32;
+            let mut params: [*mut c_void; 1] = [args as *const KernelArgs as *mut c_void];
+            // SAFETY: an all-zero CUlaunchAttribute is a valid "ignore" value; we then set the
+            // id and the matching union member.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid,
+                gridDimY: 1,
+                gridDimZ: 1,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: 0,
+                hStream: self.stream as sys::CUstream,
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as in `launch`; `cfg` and `attr` outlive the call.
+            let r = unsafe {
+                sys::cuLaunchKernelEx(&cfg, f.0, params.as_mut_ptr(), std::ptr::null_mut())
+            };
+            check("cuLaunchKernelEx", r)
+        }
+
         fn launch(&self, f: Func, grid: u64, block: u32, args: &KernelArgs) -> Result<()> {
             let grid = grid.clamp(1, i32::MAX as u64) as u32;
             let mut params: [*mut c_void; 1] = [args as *const KernelArgs as *mut c_void];
@@ -709,6 +741,15 @@ mod imp {
             check("cuLaunchKernel", r)
         }
 
+        /// Launches an element kernel; after an amax pass (partials to fold) as a dependent.
+        fn launch_elem(&self, f: Func, grid: u64, a: &KernelArgs) -> Result<()> {
+            if a.n_amax >= 2 {
+                self.launch_after_amax(f, grid, VEC_THREADS, a)
+            } else {
+                self.launch(f, grid, VEC_THREADS, a)
+            }
+        }
+
         /// Grid of an element kernel over `work` items of `per_cta` each.
         fn elem_grid(&self, work: u64, per_cta: u64) -> u64 {
             let cap = self.dev.sms as u64 * CTAS_PER_SM.load(Ordering::Relaxed) as u64;
@@ -716,7 +757,7 @@ mod imp {
         }
 
         /// Launches the amax partials of `n` elements into `scratch`; returns how many.
-        fn amax_partials(&self, dt: Dt, x: u64, n: u64, scratch: u64, keep: u64) -> Result<i32> {
+        fn amax_partials(&self, dt: Dt, x: u64, n: u64, scratch: u64) -> Result<i32> {
             self.ptr("amax scratch", scratch, (AMAX_SCRATCH * 4) as u64, 4)?;
             let per_cta = AMAX_THREADS as u64 * AMAX_UNROLL * dt.epv() as u64;
             let cap = (self.dev.sms as u64 * AMAX_CTAS_PER_SM.load(Ordering::Relaxed) as u64)
@@ -725,7 +766,6 @@ mod imp {
             let mut a = KernelArgs::new(1, n);
             a.x = x;
             a.out = scratch;
-            a.l2_keep = keep as i64;
             self.launch(self.dev.amax_partials[dt as usize], grid, AMAX_THREADS, &a)?;
             Ok(grid as i32)
         }
@@ -747,20 +787,8 @@ mod imp {
                         a.n_amax = 0; // the amax of an empty tensor is 0
                         a.amax_value = 0.0;
                     } else {
-                        let reverse = REVERSE.load(Ordering::Relaxed);
-                        let keep = if reverse {
-                            L2_KEEP_MB.load(Ordering::Relaxed) as u64 * (1 << 20)
-                        } else {
-                            0
-                        };
-                        a.n_amax = self.amax_partials(dt, a.x, n, scratch, keep)?;
+                        a.n_amax = self.amax_partials(dt, a.x, n, scratch)?;
                         a.amax_src = scratch;
-                        if reverse {
-                            a.flags |= FLAG_REVERSE;
-                        }
-                        if keep > 0 {
-                            a.flags |= FLAG_L2_EVICT_FIRST;
-                        }
                     }
                 }
             }
@@ -829,7 +857,7 @@ mod imp {
             k,
             (x | out).is_multiple_of(16),
         );
-        l.launch(f, grid, VEC_THREADS, &a)
+        l.launch_elem(f, grid, &a)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -870,7 +898,7 @@ mod imp {
         let code_align = (dt.epv() / 2) as u64;
         let aligned = x.is_multiple_of(16) && codes.is_multiple_of(code_align);
         let (f, grid) = pick(&l, Op::Quantize, fmt, dt, rows, k, aligned);
-        l.launch(f, grid, VEC_THREADS, &a)
+        l.launch_elem(f, grid, &a)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -976,7 +1004,7 @@ mod imp {
         let mut a = KernelArgs::new(1, 0);
         a.out = out;
         if n > 0 {
-            a.n_amax = l.amax_partials(dt, x, n, scratch, 0)?;
+            a.n_amax = l.amax_partials(dt, x, n, scratch)?;
             a.amax_src = scratch;
         }
         l.launch(l.dev.amax_finalize, 1, 32, &a)
@@ -1036,31 +1064,28 @@ fn cuda_device_count() -> PyResult<i32> {
     }
 }
 
-/// Benchmark knobs (None keeps a value): grid caps in CTAs per SM of the element kernels
-/// and of the amax reduction, whether the pass after an amax walks the tensor from its end,
-/// and the MiB at the end of the tensor the amax pass keeps in L2 (evict_last) for it.
-/// Returns the values in force.
+/// Benchmark knobs (None keeps a value): grid caps, in CTAs per SM, of the element kernels
+/// and of the amax reduction, and whether the kernel after an amax pass is a programmatic
+/// dependent launch (sm_90+). Returns the values in force.
 #[pyfunction]
-#[pyo3(signature = (ctas_per_sm = None, amax_ctas_per_sm = None, reverse = None, l2_keep_mb = None))]
+#[pyo3(signature = (ctas_per_sm = None, amax_ctas_per_sm = None, pdl = None))]
 fn cuda_set_tuning(
     ctas_per_sm: Option<u32>,
     amax_ctas_per_sm: Option<u32>,
-    reverse: Option<bool>,
-    l2_keep_mb: Option<u32>,
-) -> PyResult<(u32, u32, bool, u32)> {
+    pdl: Option<bool>,
+) -> PyResult<(u32, u32, bool)> {
     #[cfg(aqn_cuda)]
     {
         imp::set_tuning(
             ctas_per_sm,
             amax_ctas_per_sm.map(|v| v.min(AMAX_SCRATCH as u32)),
-            reverse,
-            l2_keep_mb,
+            pdl,
         );
         Ok(imp::tuning())
     }
     #[cfg(not(aqn_cuda))]
     {
-        let _ = (ctas_per_sm, amax_ctas_per_sm, reverse, l2_keep_mb);
+        let _ = (ctas_per_sm, amax_ctas_per_sm, pdl);
         Ok(imp::not_built()?)
     }
 }
