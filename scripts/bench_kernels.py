@@ -86,8 +86,6 @@ def load_peers():
             )
         except Exception:  # noqa: BLE001
             from mo_kernels.gemm.fp4_kernel_hopper import fp4_fake_quant_block as mo_fq  # noqa: PLC0415
-        import torch  # noqa: PLC0415
-
         def mo(x, amax):
             return mo_fq(x, amax if amax is not None else x.abs().amax().float())
 
@@ -221,7 +219,7 @@ def main():
             ta = bench(lambda: _cuda.amax(x))
             say(f"| {cps} | {acps} | {pdl} | {tm:.4f} | {tg:.4f} | {ti:.4f} | {ta:.4f} |")
         rs.cuda_set_tuning(*default)
-        del x
+        x = None  # free the tensor (the lambdas above are done with it)
         say()
 
     if args.diag:
@@ -256,7 +254,7 @@ def main():
              lambda: _cuda.fake_quant(x, "nvfp4", "floor", _cuda.amax(x)))
         both("aqn mxfp4 floor", lambda: _cuda.fake_quant(x, "mxfp4", "floor", None))
         both("aqn nvfp4 amax given", lambda: _cuda.fake_quant(x, "nvfp4", "floor", am))
-        del x, y
+        x = y = None  # free the tensors
         say()
 
     # --- Bandwidth table ---------------------------------------------------------------------
@@ -358,7 +356,7 @@ def main():
             say(f"| {shape[0]}x{shape[1]} | {n / 2**20:.0f}M | {str(dt).split('.')[-1]} | {name} | {t:.4f} | "
                 f"{gbs:.0f} | {t / t_copy:.3f} | {cells['compile']} | {cells['verl']} | {cells['modelopt']} |")
             rows.append(dict(shape=shape, n=n, dtype=str(dt), op=name, ms=t, gbs=gbs, ratio=t / t_copy, **cells))
-        del x, y
+        x = y = None  # free the tensors
         torch.cuda.empty_cache()
     say()
 
