@@ -17,6 +17,7 @@ pub mod layout;
 pub mod mxfp4;
 pub mod noise;
 pub mod nvfp4;
+pub mod scan;
 pub mod schedule;
 pub mod selector;
 
