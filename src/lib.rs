@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 
 mod aqn;
 mod cuda;
+mod scan;
 
 create_exception!(
     _aqn_rs,
@@ -380,5 +381,6 @@ fn _aqn_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;
     cuda::register(m)?;
     aqn::register(m)?;
+    scan::register(m)?;
     Ok(())
 }
