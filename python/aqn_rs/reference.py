@@ -158,7 +158,7 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     Returns:
         f32 tensor of the same shape.
     """
-    table = torch.tensor(list(E2M1_VALUES) + [-v for v in E2M1_VALUES], dtype=torch.float32)
+    table = torch.tensor(list(E2M1_VALUES) + [-v for v in E2M1_VALUES], dtype=torch.float32, device=codes.device)
     return table[(codes & 0xF).to(torch.int64)]
 
 
@@ -288,7 +288,7 @@ def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     pad = n_blocks * block - k
     if pad:
         # zero padding does not change a block's amax (amax >= 0) and is dropped afterwards
-        xf = torch.cat([xf, torch.zeros((rows, pad), dtype=torch.float32)], dim=-1)
+        xf = torch.cat([xf, torch.zeros((rows, pad), dtype=torch.float32, device=xf.device)], dim=-1)
     return xf.reshape(rows, n_blocks, block)
 
 
@@ -423,7 +423,7 @@ def mxfp4_dequantize(
     vals = e2m1_decode(unpack_nibbles(codes.reshape(rows, codes.shape[-1]), k))
     pad = n_blocks * MX_BLOCK - k
     if pad:
-        vals = torch.cat([vals, torch.zeros((rows, pad), dtype=torch.float32)], dim=-1)
+        vals = torch.cat([vals, torch.zeros((rows, pad), dtype=torch.float32, device=vals.device)], dim=-1)
     vals = vals.reshape(rows, n_blocks, MX_BLOCK)
     s = e8m0_decode(scales.reshape(rows, n_blocks)).unsqueeze(-1)
     out = vals * s  # NaN scale -> NaN block
@@ -465,7 +465,7 @@ def nvfp4_global_scale(amax) -> torch.Tensor:
     a = torch.as_tensor(amax, dtype=torch.float32).detach().reshape(())
     if bool(a < 0):
         raise ValueError(f"amax must be >= 0 (or NaN/Inf), got {float(a)}")
-    clamped = torch.maximum(a, torch.tensor(F32_TINY, dtype=torch.float32))
+    clamped = torch.maximum(a, torch.tensor(F32_TINY, dtype=torch.float32, device=a.device))
     g = torch.reciprocal(clamped) * NV_GLOBAL_NUMERATOR
     ok = torch.isfinite(g) & (g > 0) & ~torch.isnan(a)
     return torch.where(ok, g, torch.ones_like(g))
@@ -490,7 +490,7 @@ def nvfp4_quantize(
     shape = tuple(x.shape)
     if amax is None:
         xf = x.detach().to(torch.float32)
-        amax_t = xf.abs().amax() if xf.numel() else torch.tensor(0.0)  # NaN propagates
+        amax_t = xf.abs().amax() if xf.numel() else torch.zeros((), device=xf.device)  # NaN propagates
     else:
         amax_t = torch.as_tensor(amax, dtype=torch.float32)
         if amax_t.numel() != 1:
@@ -538,7 +538,7 @@ def nvfp4_dequantize(
     vals = e2m1_decode(unpack_nibbles(codes.reshape(rows, codes.shape[-1]), k))
     pad = n_blocks * NV_BLOCK - k
     if pad:
-        vals = torch.cat([vals, torch.zeros((rows, pad), dtype=torch.float32)], dim=-1)
+        vals = torch.cat([vals, torch.zeros((rows, pad), dtype=torch.float32, device=vals.device)], dim=-1)
     vals = vals.reshape(rows, n_blocks, NV_BLOCK)
     d = e4m3_decode(scales.reshape(rows, n_blocks)) / gs  # NaN byte -> NaN block
     out = vals * d.unsqueeze(-1)
