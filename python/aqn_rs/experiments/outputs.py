@@ -185,6 +185,9 @@ def plot_curves(run_dir: pathlib.Path, records: Sequence[Dict[str, Any]], title:
             ax.legend()
         elif pts:
             ax.plot(*zip(*pts), "-")
+        else:  # say why a panel is empty rather than leave blank axes
+            why = "no AQN in this run" if key == "sigma" else "no data"
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="gray")
         if key == "entropy":
             ax.axhline(1.0, color="red", lw=0.8, ls=":")
         ax.set_title(label)
