@@ -43,9 +43,7 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
-
-import numpy as np
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import _aqn_rs
 from .quantizers import MXFP4_BLOCK, NVFP4_BLOCK, SCALE_MODES, Mxfp4Quantizer, Nvfp4Quantizer
@@ -719,7 +717,12 @@ def _load_gguf(src: ModelSource):
     from .selection import class_name_of
 
     classes = {n: class_name_of(m) for n, m in model.named_modules() if n}
-    sd = {n: t.detach() for n, t in model.state_dict().items()}
+    sd, seen = {}, set()
+    for n, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:  # a tied lm_head is the embedding: listed once, as transformers saves it
+            seen.add(key)
+            sd[n] = t.detach()
     del model
     return _StateDictReader(sd), classes
 
@@ -779,7 +782,7 @@ def layer_index(module_name: str) -> Optional[int]:
 class _Progress:
     """tqdm if it is installed, else a one-line counter on stderr."""
 
-    def __init__(self, total: int, enabled: bool, desc: str = "scan") -> None:
+    def __init__(self, total: int, enabled: bool, desc: str = "scan", unit: str = "layer") -> None:
         self.total, self.enabled, self.n, self._bar = total, enabled, 0, None
         self._last = 0.0
         if not enabled:
@@ -787,7 +790,7 @@ class _Progress:
         try:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
         except ImportError:
             self._desc = desc
 
@@ -1165,7 +1168,7 @@ def run_calibration(src: ModelSource, results: Dict[str, Any], specs: Sequence[F
 
     def nll_pass(label: str) -> Tuple[float, int]:
         total, count = 0.0, 0
-        bar = _Progress(len(batches), progress, desc=f"calib {label}")
+        bar = _Progress(len(batches), progress, desc=f"calib {label}", unit="batch")
         with torch.no_grad():
             for b in batches:
                 state["mask"] = b["attention_mask"].bool()
@@ -1204,7 +1207,6 @@ def run_calibration(src: ModelSource, results: Dict[str, Any], specs: Sequence[F
             h.remove()
         qn = qs / max(tokens, 1)
         nll[s.key] = {"nll": qn, "delta": qn - base, "ppl_ratio": math.exp(qn - base)}
-    del model
     return {"source": desc, "samples": len(texts), "tokens": tokens, "batch_size": batch_size,
             "max_length": max_length, "model_dtype": str(dtype).removeprefix("torch."), "nll": nll}
 
@@ -1371,12 +1373,20 @@ def compare_scans(results: Dict[str, Any], other: Dict[str, Any], other_path: Op
 # ---------------------------------------------------------------------------------------------
 
 
+def _scalar(v: Any) -> bool:
+    return not isinstance(v, (dict, list, tuple))
+
+
 def _dump(v: Any, indent: int = 0) -> str:
-    """JSON with one item per line, except lists of scalars, which stay on one line."""
+    """JSON with one item per line, except lists of scalars and small dicts of scalars (and of
+    short scalar lists), which stay on one line: a 200-layer scan stays readable and small."""
     pad, pad1 = " " * indent, " " * (indent + 1)
     if isinstance(v, dict):
         if not v:
             return "{}"
+        if all(_scalar(x) or (isinstance(x, (list, tuple)) and len(x) <= 16 and all(map(_scalar, x)))
+               for x in v.values()) and len(v) <= 40:
+            return "{" + ", ".join(f"{json.dumps(str(k))}: {_dump(x)}" for k, x in v.items()) + "}"
         items = [f"{pad1}{json.dumps(str(k))}: {_dump(x, indent + 1)}" for k, x in v.items()]
         return "{\n" + ",\n".join(items) + "\n" + pad + "}"
     if isinstance(v, (list, tuple)):
@@ -1564,7 +1574,9 @@ def plot_results(results: Dict[str, Any], path: Union[str, os.PathLike], other: 
         ax.set_xlim(-1, len(layers))
         ax.grid(alpha=0.3)
     ax1.set_ylabel("weight SQNR (dB)")
-    ax1.set_title(f"SRDD scan: {results['model']['path']} — per-layer SQNR (grey band = excluded from quantization)", fontsize=10)
+    model = results["model"]
+    label = model["note"].split(",")[0] if model.get("kind") == "embedded" and model.get("note") else model["path"]
+    ax1.set_title(f"SRDD scan: {label} — per-layer SQNR (grey band = excluded from quantization)", fontsize=10)
     ax1.legend(fontsize=7, ncol=3, loc="best", framealpha=0.6)
     ax2.set_ylabel("% of elements")
     ax2.set_xlabel("layer (module order; ticks at transformer block starts)")
