@@ -1121,11 +1121,26 @@ def run_calibration(src: ModelSource, results: Dict[str, Any], specs: Sequence[F
     texts, desc = calibration_texts(calib, samples)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     kw = {"gguf_file": src.gguf.name} if src.gguf else {}
-    tok = AutoTokenizer.from_pretrained(str(src.folder), **kw)
+    if not src.gguf and not any((src.folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ScanError(f"--calib needs the model's tokenizer next to its config (tokenizer.json or "
+                        f"tokenizer_config.json in {src.folder}); copy it there from the base model")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.folder), **kw)
+    except (OSError, ValueError) as e:
+        raise ScanError(f"--calib: cannot load the tokenizer of {src.folder}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=dtype, **kw).to(device).eval()
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=dtype, **kw).to(device).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF-loaded: dequantized already
         model.hf_quantizer = None
     mods = dict(model.named_modules())
