@@ -404,6 +404,18 @@ def test_clear_errors(tmp_path, capsys):
     assert "invalid choice: 'int4'" in capsys.readouterr().err
     assert S.plan_main(["--quiet"]) == 2
     assert "pass --model PATH" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert S.plan_main(["--model_path", str(tmp_path), "--device", "cuda", "--quiet"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_calib_without_tokenizer_is_a_clear_error(ckpt, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((ckpt / f).read_bytes())
+    with pytest.raises(S.ScanError, match="needs the model's tokenizer"):
+        S.scan(bare, "nvfp4", calib="builtin", calib_samples=2, progress=False)
 
 
 def test_calibration_output_error_and_nll(ckpt):
