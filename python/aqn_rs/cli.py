@@ -6,6 +6,7 @@ Subcommands:
            runs land).
     info   print what this build contains (version, CUDA kernels, archs, threads).
     export write a compressed-tensors NVFP4/MXFP4 checkpoint that vLLM loads.
+    scan   SRDD: layer-wise diagnosis of quantization damage in a checkpoint (JSON, PNG).
     run    one of the research plan's runs (a preset) on the local engine (TRL GRPO) or verl.
     sweep  the same preset over several sigma_start values, into one table.
     compare the results table (markdown + PNG) of several runs.
@@ -103,14 +104,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("info", help="what this build contains")
     from . import export
+    from . import scan as scan_cmd
     from .experiments import cli as experiments_cli
 
     export.add_cli(sub)
+    scan_cmd.add_cli(sub)
     experiments_cli.add_cli(sub)
     args = ap.parse_args(argv)
 
     if args.cmd == "export":
         return export.run_cli(args)
+    if args.cmd == "scan":
+        return scan_cmd.run_cli(args)
     if args.cmd in experiments_cli.COMMANDS:
         return experiments_cli.run_cli(args)
     if args.cmd == "info":
