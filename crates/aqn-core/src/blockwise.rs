@@ -218,7 +218,7 @@ mod tests {
     fn any_f32() -> impl Strategy<Value = f32> {
         prop_oneof![
             4 => any::<u32>().prop_map(f32::from_bits),
-            4 => (-8.0f32..8.0),
+            4 => -8.0f32..8.0,
             1 => Just(0.0f32),
             1 => Just(-0.0f32),
             1 => prop::sample::select(vec![0.25f32, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -6.0, f32::INFINITY, f32::NAN, 1e-45, f32::MAX]),
