@@ -56,6 +56,9 @@ PLAN_OVERRIDES: Tuple[Tuple[str, Any], ...] = (
     ("data.truncation", "error"),
     ("actor_rollout_ref.model.use_remove_padding", True),
     ("actor_rollout_ref.model.enable_gradient_checkpointing", True),
+    # FSDP2 (verl's recommended strategy): the actor's AQN stands in for the RMSNorm weight
+    # Parameter during the forward, which FSDP1 without use_orig_params does not keep.
+    ("actor_rollout_ref.actor.strategy", "fsdp2"),
     ("actor_rollout_ref.actor.optim.lr", 5e-7),
     ("actor_rollout_ref.actor.ppo_mini_batch_size", 32),
     ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", 20),

@@ -979,7 +979,15 @@ def _check_actor_settings(config: Any, cfg: PluginConfig) -> None:
             "actor_rollout_ref.model.lora.merge=True with fake quant: the merged weight Q(W + BA) is not what "
             "the actor computes (Q(W) + BA); sync LoRA as adapters (lora.merge=False)"
         )
-    qat = actor.get("qat") or (actor.get("fsdp_config") or {}).get("qat") or {}
+    fsdp = actor.get("fsdp_config") or {}
+    if cfg.actor_noise and strategy == "fsdp" and not fsdp.get("use_orig_params", False):
+        raise VerlPluginError(
+            "actor AQN (trainer.noise_injection.apply_to actor/both) under FSDP1 without use_orig_params: FSDP1 "
+            "then keeps no weight Parameter on the modules for the noise to stand in for; use "
+            "actor_rollout_ref.actor.strategy=fsdp2 (aqn-rs run does) or "
+            "actor_rollout_ref.actor.fsdp_config.use_orig_params=True"
+        )
+    qat = actor.get("qat") or fsdp.get("qat") or {}
     if cfg.quantization is not None and qat.get("enable", False):
         raise VerlPluginError("verl's own QAT (actor_rollout_ref.actor.*.qat.enable=True) and aqn_rs fake quant "
                               "are both on; use one of them")
