@@ -488,7 +488,9 @@ _DTENSOR_SCRIPT = textwrap.dedent(
                 z = aqn.noise_for("model.layers.0.mlp.down_proj", dt, step=100).full_tensor()
                 ref = aqn.noise_for("model.layers.0.mlp.down_proj", full, step=100)
                 ok &= torch.equal(z.view(torch.int32), ref.view(torch.int32))
-        print(rank, "OK" if ok else "MISMATCH", flush=True)
+        # one write per rank (atomic on a pipe): print's separate writes of the two ranks interleave
+        sys.stdout.write(f"{rank} {'OK' if ok else 'MISMATCH'}\n")
+        sys.stdout.flush()
         dist.destroy_process_group()
 
     if __name__ == "__main__":
