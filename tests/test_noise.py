@@ -489,7 +489,7 @@ _DTENSOR_SCRIPT = textwrap.dedent(
                 ref = aqn.noise_for("model.layers.0.mlp.down_proj", full, step=100)
                 ok &= torch.equal(z.view(torch.int32), ref.view(torch.int32))
         # one write per rank (atomic on a pipe): print's separate writes of the two ranks interleave
-        sys.stdout.write(f"{rank} {'OK' if ok else 'MISMATCH'}\n")
+        sys.stdout.write(f"{rank} {'OK' if ok else 'MISMATCH'}" + chr(10))
         sys.stdout.flush()
         dist.destroy_process_group()
 
