@@ -303,6 +303,28 @@ def test_sync_group_amax_is_shared_for_nvfp4():
     assert torch.equal(synced2["model.layers.0.self_attn.q_proj.weight"], own)
 
 
+def test_group_amax_caches_are_found_and_invalidated():
+    """After an optimizer step the hooks' fused-group amax must be recomputed even where FSDP
+    re-gathers the new weights into the same buffer with the same version counter."""
+    model = hf_model(torch.bfloat16)
+    st = plugin.ActorState(model, cfg({"format": "nvfp4"}))
+    assert len(st._group_amaxes) == 2 * LAYERS  # q/k/v and gate/up of each layer
+    x = torch.randn(2, HID, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj(x)
+    assert any(g.key is not None for g in st._group_amaxes)
+    st.invalidate()
+    assert all(g.key is None and g.value is None for g in st._group_amaxes)
+    assert plugin.ActorState(hf_model(), cfg({"format": "mxfp4"}))._group_amaxes == []
+
+
+def test_stats_are_not_published_outside_a_ray_job():
+    """Publishing the sync statistics must not start a local Ray instance."""
+    import sys
+
+    assert plugin._stats_key() is None or sys.modules["ray"].is_initialized()
+
+
 def test_sync_exclusions_in_vllm_naming():
     state = clean_state(hf_model())
     st = plugin.ActorState(hf_model(), cfg({"format": "mxfp4", "exclude": ["lm_head", "embed_tokens", "*.qkv_proj"]}))

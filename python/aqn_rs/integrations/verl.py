@@ -487,19 +487,26 @@ class ActorState:
 
 
 def _group_amax_objects(handle: Any) -> List[Any]:
-    """The `_GroupAmax` caches that `quantize_model` closed over in the wrapped forwards."""
+    """The `_GroupAmax` caches that `quantize_model` closed over in the wrapped forwards
+    (a few closures deep: forward -> effective_weight -> weight_q -> group)."""
     from .. import hooks
 
     found: Dict[int, Any] = {}
-    for module, _ in getattr(handle, "_wrapped", {}).values():
-        fwd = module.__dict__.get("forward")
-        for cell in getattr(getattr(fwd, "__func__", None), "__closure__", None) or ():
+
+    def walk(fn: Any, depth: int) -> None:
+        fn = getattr(fn, "__func__", fn)
+        for cell in getattr(fn, "__closure__", None) or ():
             try:
                 obj = cell.cell_contents
-            except ValueError:
+            except ValueError:  # an empty cell
                 continue
             if isinstance(obj, hooks._GroupAmax):
                 found[id(obj)] = obj
+            elif depth > 0 and inspect.isfunction(obj):
+                walk(obj, depth - 1)
+
+    for module, _ in getattr(handle, "_wrapped", {}).values():
+        walk(module.__dict__.get("forward"), 4)
     return list(found.values())
 
 
@@ -604,11 +611,12 @@ def quant_sync(
 
 
 def _stats_key() -> Optional[bytes]:
-    try:
-        import ray
-
+    ray = sys.modules.get("ray")
+    try:  # only inside a Ray job: get_runtime_context() would start a local Ray instance
+        if ray is None or not ray.is_initialized():
+            return None
         return f"aqn_rs/quant_stats/{ray.get_runtime_context().get_job_id()}".encode()
-    except Exception:  # not in a Ray job
+    except Exception:
         return None
 
 
