@@ -853,3 +853,45 @@ def test_dry_run_commands_compose_against_verl_hydra_config(name, gpus, cmd):
     assert conf.trainer.n_gpus_per_node == gpus
     assert conf.actor_rollout_ref.actor.optim.lr == 5e-7 and conf.data.train_batch_size == 128
     assert conf.trainer.total_epochs == 3 and conf.algorithm.adv_estimator == "grpo"
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole actor path on a transformers Qwen2 under FSDP2 (scripts/verl_gpu_check.py, CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_check(engine: str):
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "verl_gpu_check.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+    env.pop("OUT", None)
+    r = subprocess.run([sys.executable, "-W", "ignore", str(script), "--device", "cpu", "--config", "tiny",
+                        "--engine", engine, "--steps", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert " 0 failed" in r.stdout and "logits == rollout logits" in r.stdout
+    return r.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_actor_and_sync_on_a_qwen2_under_fsdp2():
+    """Hooks before fully_shard (fp32 master, bf16 compute), a verl-style sync, optimizer
+    steps, and the rollout's logits from the synced weights + AQN equal the actor's."""
+    _run_check("fsdp2")
+
+
+@needs_verl
+@pytest.mark.skipif(importlib.util.find_spec("verl.plugin.platform") is None if HAVE_VERL else True,
+                    reason="verl < 0.9 has no platform registry to run its FSDP engine on the CPU")
+def test_actor_and_sync_through_verls_fsdp_engine():
+    """The same through verl's own FSDPEngineWithLMHead: the patched _build_fsdp_module,
+    get_per_tensor_param and optimizer_step, on the CPU with gloo."""
+    out = _run_check("verl")
+    assert "verl/nvfp4 after 1 step(s): sync == fake_quant" in out
