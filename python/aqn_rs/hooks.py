@@ -183,7 +183,13 @@ class _GroupAmax:
 
     def compute(self) -> Tensor:
         with torch.no_grad():
-            return torch.stack([m.weight.detach().abs().amax().float() for m in self.modules]).amax()
+            ws = [m.weight.detach() for m in self.modules]
+            if torch.compiler.is_compiling() or not ws[0].is_cuda:
+                return torch.stack([w.abs().amax().float() for w in ws]).amax()
+            # CUDA: one read-only amax kernel per member (abs().amax() would also write |w|),
+            # results stay on the device (no host sync)
+            q = Nvfp4Quantizer()
+            return torch.stack([q.amax(w.contiguous()) for w in ws]).amax()
 
     def get(self) -> Tensor:
         if torch.compiler.is_compiling():
