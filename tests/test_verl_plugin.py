@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import math
+import re
 import shlex
 import types
 
@@ -895,3 +896,129 @@ def test_actor_and_sync_through_verls_fsdp_engine():
     get_per_tensor_param and optimizer_step, on the CPU with gloo."""
     out = _run_check("verl")
     assert "verl/nvfp4 after 1 step(s): sync == fake_quant" in out
+
+
+def test_sync_statistics_reach_the_trainer_through_rays_kv_store(monkeypatch):
+    """Actor rank 0 publishes the sync's error statistics; the trainer reads them when it logs."""
+    import sys
+
+    store = {}
+    kv = types.SimpleNamespace(_internal_kv_initialized=lambda: True,
+                               _internal_kv_put=lambda k, v, overwrite=True: store.__setitem__(k, v),
+                               _internal_kv_get=lambda k: store.get(k))
+    fake_ray = types.ModuleType("ray")
+    fake_ray.is_initialized = lambda: True
+    fake_ray.get_runtime_context = lambda: types.SimpleNamespace(get_job_id=lambda: "0a000000")
+    fake_ray.experimental = types.SimpleNamespace(internal_kv=kv)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setitem(sys.modules, "ray.experimental", fake_ray.experimental)
+    monkeypatch.setitem(sys.modules, "ray.experimental.internal_kv", kv)
+    model = hf_model()
+    st = plugin.ActorState(model, cfg({"format": "mxfp4"}))
+    st.set_step(9)
+    list(st.wrap_sync(iter(clean_state(model).items())))
+    assert list(store) == [b"aqn_rs/quant_stats/0a000000"]
+    monkeypatch.setattr(plugin, "_TRAINER", _trainer_state(noise=None, quant={"format": "mxfp4"}))
+    m = plugin._TRAINER.metrics(10)
+    assert m["quant/rel_error"] == pytest.approx(st.last_stats["rel_error"]) and m["quant/tensors"] == 7 * LAYERS
+    assert "aqn/sigma" not in m
+
+
+# ---------------------------------------------------------------------------------------------
+# aqn-rs run --engine verl (aqn_rs.experiments.verl_engine)
+# ---------------------------------------------------------------------------------------------
+
+
+def _args(**kw):
+    import argparse
+
+    base = dict(cmd="run", preset="1E", engine="verl", gpus="2", model=None, data=None, steps=None,
+                output="runs", name=None, overrides=[], dry_run=True, sigma=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_verl_rows_are_verls_gsm8k_preprocessing():
+    from aqn_rs.experiments import verl_engine
+
+    rows = verl_engine.verl_rows([{"question": "Tom has 3 apples.", "answer": "3 + 0 = 3\n#### 1,003"}], "test")
+    assert rows == [{
+        "data_source": "openai/gsm8k",
+        "prompt": [{"role": "user", "content": 'Tom has 3 apples. Let\'s think step by step and output the final '
+                                               'answer after "####".'}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": "1003"},
+        "extra_info": {"split": "test", "index": 0, "answer": "3 + 0 = 3\n#### 1,003", "question": "Tom has 3 apples."},
+    }]
+
+
+def test_prepare_data_writes_parquet_from_jsonl(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from aqn_rs.experiments import verl_engine
+
+    src = tmp_path / "gsm8k"
+    src.mkdir()
+    for split, n in (("train", 5), ("test", 3)):
+        (src / f"{split}.jsonl").write_text("".join(
+            f'{{"question": "q{i}?", "answer": "w\\n#### {i}"}}\n' for i in range(n)))
+    tr, te, desc = verl_engine.prepare_data(str(src), tmp_path / "out")
+    t = pq.read_table(tr).to_pylist()
+    assert len(t) == 5 and t[4]["reward_model"]["ground_truth"] == "4" and t[0]["prompt"][0]["role"] == "user"
+    assert len(pq.read_table(te).to_pylist()) == 3 and "train.jsonl 5" in desc
+
+
+def test_dry_run_prints_the_command(capsys, tmp_path):
+    from aqn_rs.experiments import verl_engine
+
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    assert verl_engine.run_cli(_args(data=str(tmp_path), overrides=["verl.trainer.total_epochs=1",
+                                                                     "noise_injection.sigma_start=0.01"])) == 0
+    out = capsys.readouterr().out
+    cmd = shlex.split(out.splitlines()[-1])
+    assert cmd[1:3] == ["-m", "verl.trainer.main_ppo"]
+    assert "trainer.total_epochs=1" in cmd and "trainer.total_epochs=3" not in cmd
+    assert "+trainer.noise_injection.sigma_start=0.01" in cmd and "trainer.n_gpus_per_node=2" in cmd
+    assert "actor_rollout_ref.model.path=Qwen/Qwen2.5-1.5B-Instruct" in cmd
+    assert "+trainer.quantization.format=mxfp4" in cmd and "+trainer.quantization.scale_mode=floor" in cmd
+    assert "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=aqn_rs.integrations.verl" in cmd
+    base = verl_engine.build_command(__import__("aqn_rs.experiments.presets", fromlist=["x"]).load_preset("baseline"),
+                                     "/r", 8, "/r/data")
+    assert not any("aqn_rs.integrations" in a or a.startswith("+trainer.") for a in base[3:])  # plain verl
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(model="embedded"), "transformers model vLLM can load"),
+    (dict(model="x.gguf"), "not a .gguf"),
+    (dict(gpus="0"), "--gpus >= 1"),
+    (dict(data="/nonexistent/gsm8k"), "does not exist"),
+    (dict(preset="nope"), "unknown preset"),
+    (dict(overrides=["noise_injection.apply_to=vllm"]), "apply_to"),
+])
+def test_verl_engine_errors(kw, needle):
+    from aqn_rs.experiments import verl_engine
+    from aqn_rs.experiments.errors import ExperimentError
+
+    with pytest.raises(ExperimentError, match=re.escape(needle)):
+        verl_engine.run_cli(_args(**kw))
+
+
+def test_hydra_values():
+    from aqn_rs.experiments.verl_engine import hydra_value
+
+    assert hydra_value(["lm_head", "re:.*mlp.gate$"]) == "[lm_head,'re:.*mlp.gate$']"
+    assert [hydra_value(v) for v in (True, None, 5e-7, 3, "true", "1e-3")] == ["true", "null", "5e-07", "3", "'true'", "'1e-3'"]
+
+
+def test_verl_metrics_become_run_metrics():
+    from aqn_rs.experiments import verl_engine
+
+    lines = ['{"step": 0, "data": {"val-core/openai/gsm8k/reward/mean@1": 0.6}}',
+             '{"step": 1, "data": {"actor/entropy": 0.8, "critic/score/mean": 0.5, "aqn/sigma": 0.0, '
+             '"training/global_step": 1, "quant/rel_error": 0.11}}',
+             '{"step": 5, "data": {"actor/entropy": 1.2, "val-core/openai/gsm8k/reward/mean@1": 0.7}}']
+    assert verl_engine.convert_metrics(lines) == [
+        {"step": 0, "val_strict": 0.6},
+        {"step": 1, "entropy": 0.8, "reward": 0.5, "sigma": 0.0, "quant_rel_error": 0.11},
+        {"step": 5, "entropy": 1.2, "val_strict": 0.7},
+    ]
