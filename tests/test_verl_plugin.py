@@ -352,6 +352,19 @@ def test_sync_names_that_do_not_match_raise():
         list(st.wrap_sync(renamed))
 
 
+def test_lora_adapters_are_neither_quantized_nor_noised():
+    peft = pytest.importorskip("peft")
+    model = hf_model(torch.float32)
+    model.config = types.SimpleNamespace(tie_word_embeddings=False, get=lambda *a: None)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    block = {**NOISE, "layer_types": ["linear", "rmsnorm"]}
+    st = plugin.ActorState(lora, cfg({"format": "mxfp4"}, block))
+    assert len(st.quant_modules) == 7 * LAYERS and not any("lora" in m for m in st.quant_modules)
+    assert "model.layers.0.self_attn.q_proj" in st.quant_modules
+    noised = [n for n, m in lora.named_modules() if n and st.noise.selects(n, m)]
+    assert noised and not any(plugin.is_adapter(n) for n in noised)
+
+
 def test_sync_with_fsdp_and_peft_names():
     model = hf_model()
     st = plugin.ActorState(model, cfg({"format": "mxfp4"}))

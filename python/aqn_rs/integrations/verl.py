@@ -339,6 +339,13 @@ VLLM_FUSED: Dict[str, Tuple[str, ...]] = {
 }
 _MEMBER_OF = {m: fused for fused, members in VLLM_FUSED.items() for m in members}
 _PEFT_PREFIX = "base_model.model."
+# PEFT's adapter modules: vLLM gets them unquantized and noise-free (add_lora), so the actor too.
+_PEFT_ADAPTERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a module name lies inside a PEFT LoRA adapter (`...q_proj.lora_A.default`)."""
+    return any(part in _PEFT_ADAPTERS for part in name.split("."))
 
 
 def normalize_name(name: str) -> str:
@@ -376,7 +383,7 @@ def select_linear(model: Any, exclude: Sequence[str], include: Optional[Sequence
     sel = ModuleSelector(include=include, exclude=tuple(exclude), layer_types=("linear",))
     out = []
     for name, module in model.named_modules():
-        if not name or not isinstance(module, torch.nn.Linear):
+        if not name or not isinstance(module, torch.nn.Linear) or is_adapter(name):
             continue
         cls = class_name_of(module)
         key = normalize_name(name)
@@ -418,6 +425,9 @@ def _noise_class():
 
         def noise_for(self, name, weight, step=None):
             return super().noise_for(normalize_name(name), weight, step)
+
+        def selects(self, name, module):
+            return not is_adapter(name) and super().selects(normalize_name(name), module)
 
     return ActorNoise
 
