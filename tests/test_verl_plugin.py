@@ -1035,3 +1035,23 @@ def test_verl_metrics_become_run_metrics():
         {"step": 1, "entropy": 0.8, "reward": 0.5, "sigma": 0.0, "quant_rel_error": 0.11},
         {"step": 5, "entropy": 1.2, "val_strict": 0.7},
     ]
+
+
+def test_missing_verl_or_old_verl_or_missing_patch_point_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(plugin, "_verl_version", lambda: None)
+    with pytest.raises(plugin.VerlPluginError, match="verl is not installed"):
+        plugin.check_patch_points()
+    monkeypatch.setattr(plugin, "_verl_version", lambda: "0.7.1")
+    with pytest.raises(plugin.VerlPluginError, match="verl 0.7.1 is older than 0.8.0"):
+        plugin.check_patch_points()
+    monkeypatch.setattr(plugin, "_verl_version", lambda: "0.10.0")
+    point = next(p for p in plugin.PATCH_POINTS if p.attr == "get_per_tensor_param")
+    stub = types.ModuleType(point.module)
+    stub.FSDPEngine = type("FSDPEngine", (), {})  # a release where the method moved
+    with pytest.raises(plugin.VerlPluginError, match=r"verl 0\.10\.0 has no verl\.workers\.engine\.fsdp\."
+                                                      r"transformer_impl\.FSDPEngine\.get_per_tensor_param"):
+        plugin._apply(point, stub)
+    optional = next(p for p in plugin.PATCH_POINTS if p.optional)
+    stub = types.ModuleType(optional.module)
+    stub.FSDPEngine = type("FSDPEngine", (), {})
+    plugin._apply(optional, stub)  # optional points may be absent
