@@ -3,7 +3,7 @@
 
 Run on the GPU machine (docs/VERL.md says what this covers and what it does not):
 
-    python3 scripts/verl_gpu_check.py                       # tiny Qwen2, then Qwen2.5-1.5B's shape
+    python3 scripts/verl_gpu_check.py                       # tiny Qwen2s, then Qwen2.5-1.5B's shape
     python3 scripts/verl_gpu_check.py --config qwen2.5-1.5b --model /path/to/Qwen2.5-1.5B-Instruct
     python3 scripts/verl_gpu_check.py --device cpu --config tiny --engine verl   # what CI runs
 
@@ -64,6 +64,8 @@ from aqn_rs.integrations import verl as plugin  # noqa: E402
 CONFIGS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                  num_hidden_layers=2, vocab_size=128, tie_word_embeddings=False),
+    "tiny-tied": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, tie_word_embeddings=True),
     # Qwen2.5-1.5B-Instruct's config.json (the plan's model), random weights
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
                          num_hidden_layers=28, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -314,7 +316,11 @@ def run_one(rep: Report, engine_cls, path: str, fmt: str, device: torch.device, 
         norm = eng.step()
         rep.check(f"{tag}: train step {s} (STE gradient reaches {qname})", gnorm > 0 and norm == norm,
                   loss=round(float(loss), 4), q_proj_grad_norm=round(gnorm, 6), grad_norm=round(norm, 4))
+    sync_dev(device)
+    t0 = time.perf_counter()
     s1 = eng.sync()
+    sync_dev(device)
+    timings[f"{tag}/sync_ms_warm"] = 1e3 * (time.perf_counter() - t0)
     compare_sync(rep, f"{tag} after {steps} step(s)", s1, expected_sync(full_state(eng.module), st.quant_modules, q),
                  len(st.quant_modules))
     k = qname + ".weight"
@@ -334,8 +340,13 @@ def run_one(rep: Report, engine_cls, path: str, fmt: str, device: torch.device, 
         a = eng.module(input_ids=ids).logits
         b = ref(input_ids=ids).logits
     diff = float((a.float() - b.float()).abs().max())
-    rep.check(f"{tag}: actor logits == rollout logits (synced weights + step {step} AQN)", torch.equal(a, b),
-              noised_tensors=n, max_abs_diff=diff)
+    scale = float(b.float().abs().max())
+    # Bit-equal on the CPU. On CUDA the weights are identical (the sync check above is exact),
+    # but cuBLAS may pick another kernel for FSDP2's gathered buffers than for plain tensors
+    # (alignment), so a difference of a few bf16 ulps is reported, not failed.
+    rep.check(f"{tag}: actor logits == rollout logits (synced weights + step {step} AQN)",
+              torch.equal(a, b) or (device.type == "cuda" and diff <= 2 ** -6 * max(scale, 1.0)),
+              bit_equal=torch.equal(a, b), noised_tensors=n, max_abs_diff=diff, max_abs_logit=round(scale, 3))
     restored = plugin.vllm_worker_restore(worker)
     rep.check(f"{tag}: validation restores the clean rollout weights", restored == n and all(
         torch.equal(p.detach(), s1[name].to(device, torch.bfloat16)) for name, p in ref.named_parameters()
@@ -394,7 +405,7 @@ def noise_checks(rep: Report, hf_config, device: torch.device, timings: Dict[str
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    ap.add_argument("--config", default="tiny,qwen2.5-1.5b", help="comma-separated: " + ", ".join(CONFIGS))
+    ap.add_argument("--config", default="tiny,tiny-tied,qwen2.5-1.5b", help="comma-separated: " + ", ".join(CONFIGS))
     ap.add_argument("--model", default=None, help="a transformers Qwen2 folder instead of random weights "
                                                    "(used for every --config)")
     ap.add_argument("--engine", default="auto", choices=["auto", "verl", "fsdp2"],
