@@ -1055,3 +1055,108 @@ def test_missing_verl_or_old_verl_or_missing_patch_point_is_a_clear_error(monkey
     stub = types.ModuleType(optional.module)
     stub.FSDPEngine = type("FSDPEngine", (), {})
     plugin._apply(optional, stub)  # optional points may be absent
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer side over real Ray, with verl's own CheckpointEngineManager
+# ---------------------------------------------------------------------------------------------
+
+_RAY_SCRIPT = r'''
+import asyncio, os, sys, types, warnings
+warnings.filterwarnings("ignore")
+TESTS = sys.argv[1]
+sys.path.insert(0, TESTS)
+import torch, ray
+from aqn_rs.aqn import gaussian_noise
+from aqn_rs.integrations import verl as plugin
+from verl.checkpoint_engine.base import CheckpointEngineManager
+from verl.workers.config.rollout import CheckpointEngineConfig
+
+assert getattr(CheckpointEngineManager.update_weights, "__aqn_rs_patched__", False)
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+         runtime_env={"env_vars": {"VERL_USE_EXTERNAL_MODULES": plugin.PLUGIN,
+                                   "PYTHONPATH": os.pathsep.join([TESTS] + sys.path[1:])}})
+
+
+@ray.remote
+class Server:
+    """vLLMHttpServer's part: collective_rpc runs a worker-extension method on its worker."""
+
+    def __init__(self):
+        import test_verl_plugin as T
+
+        self.model = T.vllm_model(T.clean_state(T.hf_model()))
+        self.worker = T.FakeWorker(self.model)
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        fn = {"aqn_rs_apply": plugin._aqn_rs_apply, "aqn_rs_restore": plugin._aqn_rs_restore}[method]
+        return fn(self.worker, *args, **(kwargs or {}))
+
+    def norm(self):
+        return self.model.model.norm.weight.detach().clone()
+
+
+class ActorWG:  # the naive path: ray.get(actor_wg.update_weights(...))
+    def update_weights(self, global_steps=None, mode=None):
+        return []
+
+
+servers = [Server.remote() for _ in range(2)]
+replicas = [types.SimpleNamespace(server_handle=s) for s in servers]
+mgr = CheckpointEngineManager(CheckpointEngineConfig(backend="naive"), ActorWG(), replicas)
+noise = {"enabled": True, "sigma_start": 0.05, "sigma_end": 0.0005, "num_stages": 10, "layer_types": ["rmsnorm"]}
+plugin._TRAINER = plugin.TrainerState(plugin.parse_config(None, noise, 174))
+clean = ray.get(servers[0].norm.remote())
+sigma = plugin._TRAINER.sched.sigma
+
+
+def want(step):
+    return clean + gaussian_noise(clean.shape, 0, step, "model.norm", sigma(step), dtype=clean.dtype)
+
+
+mgr.update_weights(40)  # the sync trainer's call, no event loop: verl's auto_await runs it
+a, b = ray.get([s.norm.remote() for s in servers])
+assert torch.equal(a, want(40)) and torch.equal(b, a), "sync call"
+
+
+async def from_async():
+    return await mgr.update_weights(global_steps=41)  # an async caller gets the coroutine
+
+
+asyncio.run(from_async())
+assert torch.equal(ray.get(servers[1].norm.remote()), want(41)), "async call"
+seen = {}
+
+
+def validate(self):
+    seen["norm"] = ray.get(servers[0].norm.remote())
+    mgr.update_weights()  # verl's wake-up inside validation: no step, no noise
+    return {"val": 1}
+
+
+trainer = types.SimpleNamespace(checkpoint_manager=mgr)
+assert plugin._wrap_validate(validate)(trainer) == {"val": 1}
+assert torch.equal(seen["norm"], clean), "clean during validation"
+assert torch.equal(ray.get(servers[0].norm.remote()), want(41)), "noise back after validation"
+ray.shutdown()
+print("RAY OK")
+'''
+
+
+@needs_verl
+def test_trainer_side_over_ray_with_verls_checkpoint_manager(tmp_path):
+    """verl's CheckpointEngineManager (naive backend, patched), called as the sync trainer and
+    as an async caller, makes two Ray actors standing in for vLLM servers apply the step's AQN
+    through collective_rpc; the _validate bracket gives them clean weights and the noise back."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "ray_check.py"
+    script.write_text(_RAY_SCRIPT)
+    tests = str(pathlib.Path(__file__).resolve().parent)
+    env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0")
+    r = subprocess.run([sys.executable, "-W", "ignore", str(script), tests], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0 and "RAY OK" in r.stdout, (r.stdout[-3000:] + r.stderr[-5000:])
