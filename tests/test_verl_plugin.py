@@ -903,7 +903,7 @@ def test_actor_and_sync_on_a_qwen2_under_fsdp2():
 
 @needs_verl
 @pytest.mark.skipif(importlib.util.find_spec("verl.plugin.platform") is None if HAVE_VERL else True,
-                    reason="verl < 0.9 has no platform registry to run its FSDP engine on the CPU")
+                    reason="needs verl >= 0.9 (its platform registry lets the FSDP engine run on the CPU)")
 def test_actor_and_sync_through_verls_fsdp_engine():
     """The same through verl's own FSDPEngineWithLMHead: the patched _build_fsdp_module,
     get_per_tensor_param and optimizer_step, on the CPU with gloo."""
