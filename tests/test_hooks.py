@@ -186,6 +186,16 @@ def test_cache_per_weight_version():
     with torch.no_grad():
         y1 = model(x).logits
     assert h.cache_stats()["misses"] == 2 * 14  # the step bumped every weight's version
+    with torch.no_grad():  # a write that bypasses the version counter needs invalidate()
+        w = model.model.layers[0].mlp.up_proj.weight
+        w.data.mul_(0.5)
+        h.invalidate()
+        y2 = model(x).logits
+    assert h.cache_stats()["misses"] == 3 * 14
+    with torch.no_grad():
+        w.data.mul_(2.0)
+        h.invalidate()
+        assert torch.equal(bits(model(x).logits), bits(y1))
     h.remove()
     with torch.no_grad():
         want = manual_reference(model, "mxfp4")(x).logits

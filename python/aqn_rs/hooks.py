@@ -221,6 +221,7 @@ class QuantizationHandle:
         self.ste = ste
         self._decisions: List[ModuleDecision] = decisions
         self._wrapped: Dict[str, Tuple[torch.nn.Module, _WeightCache]] = wrapped
+        self._groups: List["_GroupAmax"] = []
         self.removed = False
 
     @property
@@ -248,6 +249,15 @@ class QuantizationHandle:
         hits = sum(c.hits for _, c in self._wrapped.values())
         misses = sum(c.misses for _, c in self._wrapped.values())
         return {"hits": hits, "misses": misses}
+
+    def invalidate(self) -> None:
+        """Drop every cached fake-quantized weight and fused-group amax. Call it after anything
+        that rewrites weights without bumping their version counter (e.g. an FSDP1 re-gather
+        into the same buffer, or `param.data.copy_`)."""
+        for _, cache in self._wrapped.values():
+            cache.clear()
+        for g in self._groups:
+            g.key, g.value = None, None
 
     def remove(self) -> None:
         """Restore every wrapped module's original forward and drop the caches."""
@@ -405,7 +415,9 @@ def quantize_model(
         module.forward = _make_forward(module, kind, quantizer, injection_point, ste, c, groups.get(name))
         module.__dict__["_aqn_rs_handle"] = True
         wrapped[name] = (module, c if c is not None else _WeightCache())
-    return QuantizationHandle(model, quantizer, injection_point, ste, decisions, wrapped)
+    handle = QuantizationHandle(model, quantizer, injection_point, ste, decisions, wrapped)
+    handle._groups = list({id(g): g for g in groups.values()}.values())
+    return handle
 
 
 # ---- AQN in the training forward (actor mode) ---------------------------------------------

@@ -206,6 +206,10 @@ def _run(args) -> int:
     from . import outputs
 
     cmd = getattr(args, "cmd", None) or getattr(args, "command", None)
+    if getattr(args, "engine", None) == "verl" and cmd in ("run", "sweep"):
+        from . import verl_engine
+
+        return verl_engine.run_cli(args)
     if cmd == "compare":
         res = outputs.compare(args.runs, pathlib.Path(args.output), args.name)
         print(res["table"], end="")
