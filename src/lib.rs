@@ -66,11 +66,13 @@ impl Dtype {
     }
 }
 
-fn readonly<'py, T: numpy::Element>(
-    obj: &Bound<'py, PyAny>,
+/// `obj` as a C-contiguous numpy array of element type `T`, or a TypeError/ValueError that says
+/// which argument (`what`) and which dtype (`want`) was expected.
+fn c_array<'a, 'py, T: numpy::Element>(
+    obj: &'a Bound<'py, PyAny>,
     what: &str,
     want: &str,
-) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+) -> PyResult<&'a Bound<'py, PyArrayDyn<T>>> {
     let arr = obj.cast::<PyArrayDyn<T>>().map_err(|_| {
         PyTypeError::new_err(format!("{what}: expected a numpy array of dtype {want}"))
     })?;
@@ -79,7 +81,15 @@ fn readonly<'py, T: numpy::Element>(
             "{what}: expected a C-contiguous array (call .contiguous() / np.ascontiguousarray first)"
         )));
     }
-    Ok(arr.readonly())
+    Ok(arr)
+}
+
+fn readonly<'py, T: numpy::Element>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    want: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    Ok(c_array::<T>(obj, what, want)?.readonly())
 }
 
 fn readwrite<'py, T: numpy::Element>(
@@ -87,15 +97,8 @@ fn readwrite<'py, T: numpy::Element>(
     what: &str,
     want: &str,
 ) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
-    let arr = obj.cast::<PyArrayDyn<T>>().map_err(|_| {
-        PyTypeError::new_err(format!("{what}: expected a numpy array of dtype {want}"))
-    })?;
-    if !arr.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
-            "{what}: expected a C-contiguous array"
-        )));
-    }
-    arr.try_readwrite()
+    c_array::<T>(obj, what, want)?
+        .try_readwrite()
         .map_err(|e| PyValueError::new_err(format!("{what}: cannot write to this array ({e})")))
 }
 
