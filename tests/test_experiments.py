@@ -300,7 +300,7 @@ def _cli(argv, capsys):
     (["run", "nope"], "aqn-rs: error: unknown preset 'nope'; available: 1A, 1C, 1D, 1E, baseline"),
     (["run", "1D", "--gpus", "64"], "aqn-rs: error: --gpus 64 asked but"),
     (["run", "1D", "--gpus", "0", "--data", "/nonexistent/gsm8k.jsonl"], "aqn-rs: error: data path /nonexistent/gsm8k.jsonl does not exist"),
-    (["run", "1D", "--gpus", "0", "--engine", "verl"], "aqn-rs: error: engine verl is not yet implemented: see issue 6"),
+    (["run", "1D", "--gpus", "0", "--engine", "verl"], "aqn-rs: error: the verl engine needs --gpus >= 1, got 0"),
     (["run", "1D", "--gpus", "0", "--model", "/nonexistent/model"], "aqn-rs: error: model path /nonexistent/model does not exist"),
     (["sweep", "mxfp4-only", "--gpus", "0", "--sigma", "0.01"], "aqn-rs: error: preset mxfp4-only has no AQN block"),
     (["sweep", "1D", "--gpus", "0", "--sigma", "a,b"], "aqn-rs: error: --sigma expects comma-separated numbers"),

@@ -91,10 +91,9 @@ def prepare(args, extra_overrides: Optional[List[str]] = None, name: Optional[st
             raise ExperimentError(f"--steps must be >= 1, got {args.steps}")
         overrides += [f"training.steps={args.steps}", f"training.cpu.steps={args.steps}"]
     cfg = presets.load_preset(args.preset, overrides)
-    engine = args.engine
-    if engine == "verl":
-        raise ExperimentError("engine verl is not yet implemented: see issue 6 (use --engine local)")
-    engine = "local"  # auto: the verl engine lands with issue 6
+    # `--engine verl` never reaches here (_run hands it to verl_engine); auto runs locally, since
+    # the verl engine needs a Ray cluster with vLLM that it cannot detect from here.
+    engine = "local"
     gpus = resolve_gpus(args.gpus)
     folder, gguf, model_desc = resolve_model(args.model)
     t = presets.effective_training(cfg, gpus > 0)
