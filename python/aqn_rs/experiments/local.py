@@ -432,7 +432,7 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
                 writer.write(rec)
             state["pending"] = {}
 
-    trainer = _Trainer(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(train_rows),
+    trainer = _Trainer(model=model, reward_funcs=[reward], args=args, train_dataset=_dataset(Dataset, train_rows),
                        processing_class=tok, callbacks=[_Callback()])
     _log(f"GRPO: {t['steps']} steps x {t['prompts_per_step']} prompts x {t['generations']} completions, "
          f"{t['max_new_tokens']} new tokens, lr {lr:g}, beta {t['beta']}, mode {t.get('mode', 'full')}, "
@@ -496,3 +496,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _dataset(Dataset, rows):
+    """`Dataset.from_list(rows)` with a fingerprint computed from the rows themselves.
+
+    datasets otherwise fingerprints a new Dataset by pickling its Arrow table with dill, which
+    fails on the GPU image's datasets 5.2 / dill 0.4.1 / pyarrow 26 (`Can't pickle
+    MonthDayNano`, seen on the H100, docs/RESULTS.md); a content hash is just as unique here.
+    """
+    import hashlib
+    import json
+
+    from datasets.table import InMemoryTable
+
+    digest = hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable.from_pylist(rows), fingerprint=f"aqn-rs-{digest}")
