@@ -292,6 +292,14 @@ def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return xf.reshape(rows, n_blocks, block)
 
 
+def _decoded_blocks(codes: torch.Tensor, shape: tuple[int, ...], block: int) -> torch.Tensor:
+    """Packed codes of a tensor of ``shape`` decoded to f32 blocks ``[R, n_blocks, block]``
+    (the layout :func:`_to_blocks` gives the input)."""
+    rows = math.prod(shape[:-1])
+    vals = e2m1_decode(unpack_nibbles(codes.reshape(rows, codes.shape[-1]), shape[-1]))
+    return _to_blocks(vals.reshape(shape), block)
+
+
 def _from_blocks(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`_to_blocks` for a per-element result ``[R, n_blocks, block]``."""
     k = shape[-1]
@@ -417,15 +425,8 @@ def mxfp4_dequantize(
         Tensor of ``shape`` and ``dtype``.
     """
     shape = _check_shape(shape, codes, scales, MX_BLOCK)
-    k = shape[-1]
-    rows = math.prod(shape[:-1])
-    n_blocks = -(-k // MX_BLOCK)
-    vals = e2m1_decode(unpack_nibbles(codes.reshape(rows, codes.shape[-1]), k))
-    pad = n_blocks * MX_BLOCK - k
-    if pad:
-        vals = torch.cat([vals, torch.zeros((rows, pad), dtype=torch.float32, device=vals.device)], dim=-1)
-    vals = vals.reshape(rows, n_blocks, MX_BLOCK)
-    s = e8m0_decode(scales.reshape(rows, n_blocks)).unsqueeze(-1)
+    vals = _decoded_blocks(codes, shape, MX_BLOCK)
+    s = e8m0_decode(scales.reshape(vals.shape[:2])).unsqueeze(-1)
     out = vals * s  # NaN scale -> NaN block
     return _from_blocks(out, shape).to(dtype)
 
@@ -532,15 +533,8 @@ def nvfp4_dequantize(
     """
     shape = _check_shape(shape, codes, scales, NV_BLOCK)
     gs = torch.as_tensor(global_scale, dtype=torch.float32).reshape(())
-    k = shape[-1]
-    rows = math.prod(shape[:-1])
-    n_blocks = -(-k // NV_BLOCK)
-    vals = e2m1_decode(unpack_nibbles(codes.reshape(rows, codes.shape[-1]), k))
-    pad = n_blocks * NV_BLOCK - k
-    if pad:
-        vals = torch.cat([vals, torch.zeros((rows, pad), dtype=torch.float32, device=vals.device)], dim=-1)
-    vals = vals.reshape(rows, n_blocks, NV_BLOCK)
-    d = e4m3_decode(scales.reshape(rows, n_blocks)) / gs  # NaN byte -> NaN block
+    vals = _decoded_blocks(codes, shape, NV_BLOCK)
+    d = e4m3_decode(scales.reshape(vals.shape[:2])) / gs  # NaN byte -> NaN block
     out = vals * d.unsqueeze(-1)
     return _from_blocks(out, shape).to(dtype)
 
