@@ -118,9 +118,13 @@ install_stash() {
         echo "== import failed with the image's own hub: adding $EXTRA_WHEELS"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$STASH"/in/extra/*.whl
     fi
-    PYTHONPATH="$SITE" "$PY" -c "import datasets, trl, gguf, transformers, aqn_rs, json; print('trl', trl.__version__, 'datasets', datasets.__version__, 'transformers', transformers.__version__); print(json.dumps(aqn_rs.build_info()))"
+    # The experiment code comes from this tree (the carried wheel may be older); the compiled
+    # core from the tree's own build if carried (python/aqn_rs/_aqn_rs.abi3.so), else the wheel's.
+    [ -f python/aqn_rs/_aqn_rs.abi3.so ] || cp "$SITE/aqn_rs/_aqn_rs.abi3.so" python/aqn_rs/
+    local pp="$PWD/python:$SITE"
+    PYTHONPATH="$pp" "$PY" -c "import datasets, trl, gguf, transformers, pyarrow, aqn_rs, json; print('trl', trl.__version__, 'datasets', datasets.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__); print(json.dumps(aqn_rs.build_info()))"
     # Convert the GGUF once (later runs load the cached safetensors copy in a second).
-    PYTHONPATH="$SITE" "$PY" -c "from aqn_rs.experiments.model import converted_folder; print(converted_folder('$STASH', '$GGUF_NAME'))"
+    PYTHONPATH="$pp" "$PY" -c "from aqn_rs.experiments.model import converted_folder; print(converted_folder('$STASH', '$GGUF_NAME'))"
 }
 
 run() {

@@ -445,3 +445,42 @@ def test_lora_mode_on_a_tiny_model(tmp_path, capsys):
     assert not any("lora" in k for k in m.state_dict())
     s = json.loads((run / "summary.json").read_text())
     assert s["sft_warmup"]["steps"] == 2 and _finite(s["sft_warmup"]["loss_last"])
+
+
+# ---- engine guards ---------------------------------------------------------------------------
+
+
+def test_nonfinite_gradient_drops_the_whole_step():
+    import torch
+
+    from aqn_rs.experiments.local import drop_nonfinite_grads
+
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in lin.parameters()]
+    lin(torch.ones(2, 4)).sum().backward()
+    assert drop_nonfinite_grads(list(lin.parameters())) is False  # finite: kept
+    assert all(p.grad is not None for p in lin.parameters())
+    lin.weight.grad[1, 2] = float("nan")
+    assert drop_nonfinite_grads(list(lin.parameters())) is True
+    assert all(p.grad is None for p in lin.parameters())  # the finite bias grad goes too
+    opt.step()
+    for b, p in zip(before, lin.parameters()):
+        assert torch.equal(b, p.detach())  # AdamW skipped every parameter
+    lin(torch.ones(2, 4)).sum().backward()
+    lin.bias.grad[0] = float("-inf")
+    assert drop_nonfinite_grads(list(lin.parameters())) is True
+    assert drop_nonfinite_grads([]) is False
+
+
+def test_worker_module_defines_its_helpers_before_main_runs():
+    """`python -m aqn_rs.experiments.local` (the accelerate worker) runs main() at the `__main__`
+    guard, so every helper run_local calls must be defined above it."""
+    import ast
+
+    import aqn_rs.experiments.local as local
+
+    tree = ast.parse(pathlib.Path(local.__file__).read_text())
+    guard = next(i for i, n in enumerate(tree.body) if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
+    defined_after = [n.name for n in tree.body[guard + 1:] if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert defined_after == [] and guard == len(tree.body) - 1

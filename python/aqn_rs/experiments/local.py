@@ -370,7 +370,7 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
             with ctx:
                 return super()._generate_single_turn(*a, **kw)
 
-    state: Dict[str, Any] = {"val": {}, "pending": {}, "step_t0": None, "step_times": []}
+    state: Dict[str, Any] = {"val": {}, "pending": {}, "step_t0": None, "step_times": [], "skipped": []}
 
     def validate(step: int, trainer) -> None:
         acc = trainer.accelerator
@@ -410,6 +410,14 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
                 driver.begin_step(st.global_step)
                 state["pending"].update({"sigma": driver.sigma(st.global_step), "stage": driver.stage(st.global_step),
                                          "aqn_step": st.global_step})
+
+        def on_pre_optimizer_step(self, args_, st, control, **kw):
+            params = [p for p in trainer.model.parameters() if p.requires_grad]
+            if drop_nonfinite_grads(params):
+                state["skipped"].append(st.global_step + 1)
+                state["pending"]["skipped_nonfinite_grad"] = 1
+                _log(f"step {st.global_step + 1}: non-finite gradient, optimizer step skipped "
+                     f"({len(state['skipped'])} so far)")
 
         def on_step_end(self, args_, st, control, **kw):
             dt = time.perf_counter() - state["step_t0"]
@@ -467,6 +475,7 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
             "checkpoints": sorted(str(p.relative_to(run_dir)) for p in (run_dir / "checkpoints").iterdir())
             if (run_dir / "checkpoints").is_dir() else [],
             "sample_completion": state["val"].get(final_step, {}).get("sample"),
+            "skipped_nonfinite_steps": state["skipped"],
             "aqn_rs_version": aqn_rs.__version__,
         })
         outputs.write_summary(run_dir, summary)
@@ -474,6 +483,44 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
         _log(f"done: {run_dir} (strict {summary['val_strict_initial'] * 100:.1f}% -> {summary['val_strict_final'] * 100:.1f}%, "
              f"collapse verdict: {summary['collapse']['verdict']})")
     return summary
+
+
+def _dataset(Dataset, rows):
+    """`Dataset.from_list(rows)` with a fingerprint computed from the rows themselves.
+
+    datasets otherwise fingerprints a new Dataset by pickling its Arrow table with dill, which
+    fails on the GPU image's datasets 5.2 / dill 0.4.1 / pyarrow 26 (`Can't pickle
+    MonthDayNano`, seen on the H100, docs/RESULTS.md); a content hash is just as unique here.
+    """
+    import hashlib
+    import json
+
+    from datasets.table import InMemoryTable
+
+    digest = hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable.from_pylist(rows), fingerprint=f"aqn-rs-{digest}")
+
+
+def drop_nonfinite_grads(params) -> bool:
+    """Drop every gradient when any is NaN/Inf, so the optimizer skips the step; True if dropped.
+
+    A NaN in one gradient turns every gradient NaN through the global-norm clip, and one optimizer
+    step on them makes the weights NaN and the next sampling fail with a device-side assert in
+    `torch.multinomial` (seen once in 100 H100 baseline steps, docs/RESULTS.md). AdamW leaves a
+    parameter whose `.grad` is None untouched. Under DDP the gradients are already all-reduced, so
+    every rank takes the same decision. One device sync per optimizer step.
+    """
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return False
+    norms = torch._foreach_norm(grads)
+    if bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
+        return False
+    for p in params:
+        p.grad = None
+    return True
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -496,19 +543,3 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _dataset(Dataset, rows):
-    """`Dataset.from_list(rows)` with a fingerprint computed from the rows themselves.
-
-    datasets otherwise fingerprints a new Dataset by pickling its Arrow table with dill, which
-    fails on the GPU image's datasets 5.2 / dill 0.4.1 / pyarrow 26 (`Can't pickle
-    MonthDayNano`, seen on the H100, docs/RESULTS.md); a content hash is just as unique here.
-    """
-    import hashlib
-    import json
-
-    from datasets.table import InMemoryTable
-
-    digest = hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Dataset(InMemoryTable.from_pylist(rows), fingerprint=f"aqn-rs-{digest}")
