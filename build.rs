@@ -21,8 +21,9 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The kernel sources, one per format family (each becomes one fatbin and one CUDA module).
-const SOURCES: [&str; 2] = ["mxfp4", "nvfp4"];
+/// The kernel sources, one per format family plus AQN's noise (each becomes one fatbin and one
+/// CUDA module).
+const SOURCES: [&str; 3] = ["mxfp4", "nvfp4", "noise"];
 /// Default SASS targets: A100, H100/H200, B200, RTX 50xx/RTX PRO.
 const DEFAULT_ARCHS: [u32; 4] = [80, 90, 100, 120];
 

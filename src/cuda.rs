@@ -190,6 +190,7 @@ mod imp {
     /// The embedded fatbins, one per format family (build.rs writes them to OUT_DIR).
     static MXFP4_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mxfp4.fatbin"));
     static NVFP4_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4.fatbin"));
+    static NOISE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/noise.fatbin"));
 
     /// Threads per CTA of the element kernels (cuda/blockwise.cuh VEC_THREADS) and the
     /// 16-byte vectors each thread takes per iteration (VEC_UNROLL).
@@ -265,6 +266,19 @@ mod imp {
         }
     }
 
+    /// Launch arguments of `noise_*`; mirrors `aqn_noise::NoiseArgs` in cuda/noise.cu.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    struct NoiseArgs {
+        out: u64,
+        n: u64,
+        offset: u64,
+        key: u64,
+        step: u64,
+        sigma: f32,
+        pad: i32,
+    }
+
     #[derive(Clone, Copy)]
     struct Func(sys::CUfunction);
     // SAFETY: a CUfunction is an immutable handle; the driver allows launching it from any
@@ -301,6 +315,7 @@ mod imp {
         elem: [Func; N_ELEM_FUNCS],
         amax_partials: [Func; 3],
         amax_finalize: Func,
+        noise: [Func; 3],
         sms: u32,
         /// Compute capability major (programmatic dependent launch needs 9+).
         cc_major: i32,
@@ -515,11 +530,18 @@ mod imp {
             get_func(nv, "amax_partials_f16")?,
         ];
         let amax_finalize = get_func(nv, "amax_finalize")?;
+        let nz = load_module(NOISE_FATBIN, "noise")?;
+        let noise = [
+            get_func(nz, "noise_f32")?,
+            get_func(nz, "noise_bf16")?,
+            get_func(nz, "noise_f16")?,
+        ];
         Ok(Device {
             ctx,
             elem,
             amax_partials,
             amax_finalize,
+            noise,
             sms: sms.max(1) as u32,
             cc_major,
         })
@@ -716,13 +738,16 @@ mod imp {
             check("cuLaunchKernelEx", r)
         }
 
-        fn launch(&self, f: Func, grid: u64, block: u32, args: &KernelArgs) -> Result<()> {
+        /// `A` is the kernel's one by-value parameter: `KernelArgs` for the FP4 kernels,
+        /// `NoiseArgs` for the noise kernels.
+        fn launch<A>(&self, f: Func, grid: u64, block: u32, args: &A) -> Result<()> {
             let grid = grid.clamp(1, i32::MAX as u64) as u32;
-            let mut params: [*mut c_void; 1] = [args as *const KernelArgs as *mut c_void];
-            // SAFETY: every kernel takes one `aqn::Args` by value, which KernelArgs mirrors
-            // (#[repr(C)], same field order and types); every pointer in it was checked above
-            // to be device memory of this device covering what the kernel touches; the stream
-            // belongs to the current context.
+            let mut params: [*mut c_void; 1] = [args as *const A as *mut c_void];
+            // SAFETY: every kernel takes one struct by value, which `A` mirrors (#[repr(C)],
+            // same field order and types: `aqn::Args` <-> KernelArgs, `aqn_noise::NoiseArgs`
+            // <-> NoiseArgs, and the callers pair each kernel with its own); every pointer in it
+            // was checked above to be device memory of this device covering what the kernel
+            // touches; the stream belongs to the current context.
             let r = unsafe {
                 sys::cuLaunchKernel(
                     f.0,
@@ -1009,6 +1034,50 @@ mod imp {
         }
         l.launch(l.dev.amax_finalize, 1, 32, &a)
     }
+
+    /// Elements `offset .. offset + n` of the noise of `(key, step)`, `z * sigma` cast to
+    /// `dt`, written to `out` (docs/NOISE.md). One thread per block of four elements.
+    #[allow(clippy::too_many_arguments)]
+    pub fn noise(
+        dt: Dt,
+        ordinal: i32,
+        stream: u64,
+        out: u64,
+        n: u64,
+        offset: u64,
+        key: u64,
+        step: u64,
+        sigma: f32,
+    ) -> Result<()> {
+        let l = Launch::new(ordinal, stream)?;
+        let bytes = n.checked_mul(dt.size() as u64).ok_or_else(|| {
+            Error::Value(format!("noise: {n} elements overflow the byte count"))
+        })?;
+        l.ptr("out", out, bytes, dt.size() as u64)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // The CPU path's rule (`fill_gaussian`): offset + n must fit in u64.
+        let last = offset.checked_add(n).map(|end| end - 1).ok_or_else(|| {
+            Error::Value(format!(
+                "noise element range overflows u64: offset {offset} + {n} elements"
+            ))
+        })?;
+        let blocks = (last >> 2) - (offset >> 2) + 1;
+        let a = NoiseArgs {
+            out,
+            n,
+            offset,
+            key,
+            step,
+            sigma,
+            pad: 0,
+        };
+        const NOISE_THREADS: u32 = 256;
+        let cap = l.dev.sms as u64 * 16;
+        let grid = blocks.div_ceil(NOISE_THREADS as u64).min(cap).max(1);
+        l.launch(l.dev.noise[dt as usize], grid, NOISE_THREADS, &a)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1259,6 +1328,43 @@ fn cuda_amax(
     }
 }
 
+/// Elements `offset .. offset + n` of AQN's noise for `(seed, step, name)` (docs/NOISE.md),
+/// `z * float32(sigma)` cast to `dtype`, into `n` elements at `out`: the CUDA twin of
+/// `noise_fill_f32`, bit for bit.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn cuda_noise(
+    dtype: &str,
+    device: i32,
+    stream: u64,
+    out: u64,
+    n: u64,
+    offset: u64,
+    seed: u64,
+    name: &str,
+    step: u64,
+    sigma: f64,
+) -> PyResult<()> {
+    let dt = Dt::parse(dtype)?;
+    if !(sigma.is_finite() && sigma >= 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "sigma must be a finite number >= 0, got {sigma}"
+        )));
+    }
+    let key = aqn_core::noise::noise_key(seed, name);
+    #[cfg(aqn_cuda)]
+    {
+        Ok(imp::noise(
+            dt, device, stream, out, n, offset, key, step, sigma as f32,
+        )?)
+    }
+    #[cfg(not(aqn_cuda))]
+    {
+        let _ = (dt, device, stream, out, n, offset, key, step);
+        Ok(imp::not_built()?)
+    }
+}
+
 /// Adds the CUDA functions (and `CUDA_AMAX_SCRATCH`) to the extension module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CUDA_AMAX_SCRATCH", AMAX_SCRATCH)?;
@@ -1272,5 +1378,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_amax, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_noise, m)?)?;
     Ok(())
 }

@@ -181,6 +181,35 @@ def test_cuda_equals_cpu():
         assert_bits_equal(gpu.cpu(), cpu)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_noise_kernel_bits(dtype):
+    """cuda/noise.cu == the Rust CPU path bit for bit: every output dtype, blocks cut at any
+    lane (odd offsets and lengths), huge offsets/seeds/steps, the last element of the u64 range,
+    sigma 0 and subnormal; and == the pure-torch reference run on the GPU."""
+    from aqn_rs import _cuda
+
+    assert _cuda.available(), "the CUDA test suite needs the kernels (build with AQN_REQUIRE_CUDA=1)"
+    cases = [  # shape, seed, step, offset, sigma
+        ((0,), 0, 0, 0, 1.0), ((1,), 0, 0, 3, 1.0), ((3,), 7, 1, 1, 0.05), ((5,), 7, 1, 2, 0.05),
+        ((4097,), 2**64 - 1, 2**33, 5, 0.05), ((33, 129), 1, 2, 2**40 + 3, 0.02),
+        (((1 << 20) + 3,), 3, 9, 1, 1e-3), ((5,), 0, 0, 2**64 - 6, 1.0), ((64,), 5, 6, 0, 0.0),
+        ((64,), 5, 6, 0, 1e-40),
+    ]
+    for shape, seed, step, off, sigma in cases:
+        cpu = gaussian_noise(shape, seed, step, NORM, sigma, dtype=dtype, offset=off)
+        gpu = gaussian_noise(shape, seed, step, NORM, sigma, dtype=dtype, device="cuda", offset=off)
+        assert gpu.dtype == dtype and gpu.device.type == "cuda" and gpu.shape == cpu.shape
+        assert_bits_equal(gpu.cpu(), cpu)
+    ref = _reference_gaussian((3, 1001), 11, 12, NORM, 0.05, 6, "cuda").to(dtype)
+    gpu = gaussian_noise((3, 1001), 11, 12, NORM, 0.05, dtype=dtype, device="cuda", offset=6)
+    assert_bits_equal(gpu.cpu(), ref.cpu())
+    with pytest.raises(ValueError, match="overflows"):
+        gaussian_noise((8,), 0, 0, NORM, dtype=dtype, device="cuda", offset=2**64 - 8)
+    with pytest.raises(ValueError, match="seed"):
+        gaussian_noise((8,), -1, 0, NORM, dtype=dtype, device="cuda")
+
+
 # ---------------------------------------------------------------------------------------------
 # AqnNoise
 # ---------------------------------------------------------------------------------------------

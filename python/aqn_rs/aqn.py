@@ -7,7 +7,8 @@ and where it is added (DESIGN.md, "AQN").
   ``(seed, step, module name)`` through Philox4x32-10, generated in f32 and then cast. The
   same key gives bit-identical noise in every process and on every device, so the actor and
   every rollout worker draw the same noise without sending tensors. The algorithm is written
-  down in docs/NOISE.md; the CPU path runs in Rust, other devices use `_reference_gaussian`
+  down in docs/NOISE.md; the CPU path runs in Rust, CUDA in one kernel (cuda/noise.cu), other
+  devices (and CUDA builds without kernels) use `_reference_gaussian`
   (pure torch, the same algorithm op for op), which the tests compare bit for bit.
 - `AqnNoise`: adds the step's noise to the selected weights, either out of place in the
   training forward (``apply_to="actor"``, through `actor_weight`, master weights untouched)
@@ -231,6 +232,39 @@ def _reference_gaussian_eager(shape, seed, step, name, sigma, offset, device):
     return (z * float(np.float32(sigma))).reshape(shape)
 
 
+def _cuda_kernels() -> bool:
+    from . import _cuda
+
+    return _cuda.available()
+
+
+def _cuda_gaussian(shape, seed, step, name, sigma, offset, device, dtype):
+    """The noise kernel (cuda/noise.cu): one launch on torch's current stream, the output
+    dtype written directly; bit-identical to the CPU path (tests/test_noise.py)."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:  # raw pointers cannot be traced: run it eagerly
+        import torch
+
+        return torch.compiler.disable(_cuda_gaussian_eager)(shape, seed, step, name, sigma, offset, device, dtype)
+    return _cuda_gaussian_eager(shape, seed, step, name, sigma, offset, device, dtype)
+
+
+def _cuda_gaussian_eager(shape, seed, step, name, sigma, offset, device, dtype):
+    import torch
+
+    from . import _cuda
+
+    seed, step, offset = _u64(seed, "seed"), _u64(step, "step"), _u64(offset, "offset")
+    out = torch.empty(shape, dtype=dtype, device=device)
+    idx = out.get_device()
+    if _cuda._dtags is None:
+        _cuda._init()
+    _aqn_rs.cuda_noise(_cuda._dtags[dtype], idx, _cuda._raw_stream(idx), out.data_ptr(), out.numel(),
+                       offset, seed, str(name), step, float(sigma))
+    return out
+
+
 def _is_torch_dtype(dtype: Any) -> bool:
     import sys
 
@@ -282,6 +316,8 @@ def gaussian_noise(
         if dev.type == "cpu":
             t = torch.empty(shape, dtype=torch.float32)
             _aqn_rs.noise_fill_f32(t.numpy(), seed, step, name, float(sigma), offset)
+        elif dev.type == "cuda" and out_dtype in (torch.float32, torch.bfloat16, torch.float16) and _cuda_kernels():
+            return _cuda_gaussian(shape, seed, step, name, sigma, offset, dev, out_dtype)
         else:
             t = _reference_gaussian(shape, seed, step, name, sigma, offset, dev)
         return t if out_dtype == torch.float32 else t.to(out_dtype)
