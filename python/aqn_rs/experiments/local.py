@@ -303,6 +303,8 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
     run = cfg["run"]
     gpus = int(run["gpus"])
     on_gpu = gpus > 0
+    if on_gpu:
+        avoid_cudnn_attention()
     t = presets.effective_training(cfg, on_gpu)
     set_seed(int(t["seed"]))
     folder, gguf, model_desc = resolve_model(run.get("model"))
@@ -476,6 +478,7 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
             if (run_dir / "checkpoints").is_dir() else [],
             "sample_completion": state["val"].get(final_step, {}).get("sample"),
             "skipped_nonfinite_steps": state["skipped"],
+            "processes": trainer.accelerator.num_processes,
             "aqn_rs_version": aqn_rs.__version__,
         })
         outputs.write_summary(run_dir, summary)
@@ -499,6 +502,20 @@ def _dataset(Dataset, rows):
 
     digest = hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Dataset(InMemoryTable.from_pylist(rows), fingerprint=f"aqn-rs-{digest}")
+
+
+def avoid_cudnn_attention() -> None:
+    """Turn off the cuDNN backend of `scaled_dot_product_attention` in this process.
+
+    torch 2.11's default SDPA backend on Hopper (cuDNN) returns NaN in grad_q for query rows
+    that attend to nothing (the left padding of the prompts) when the padded length is 64 mod
+    128 (pytorch/pytorch#196678, huggingface/trl#7181); the forward stays finite. On 2 H100s it
+    hit exactly the 13 of 100 steps whose batch padded to 192 tokens (docs/RESULTS.md). The
+    flash and memory-efficient backends are correct, and SDPA falls back to them.
+    """
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def drop_nonfinite_grads(params) -> bool:
