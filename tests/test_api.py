@@ -136,6 +136,23 @@ def test_build_info():
     assert info["cpu_threads"] >= 1
 
 
+def test_cli_without_torch():
+    """torch is an optional dependency: `aqn-rs info` works without it, and `aqn-rs export`
+    says what it needs in one line."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from aqn_rs.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))")
+    info = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["version"] == aqn_rs.__version__
+    exp = subprocess.run([sys.executable, "-c", code, "export", "m", "out"], capture_output=True, text=True, timeout=120)
+    assert exp.returncode == 2 and exp.stderr.strip() == "aqn-rs: error: export needs torch: pip install torch"
+
+
 # ---- bad input: a Python exception with a useful message, never a crash -------------------
 
 

@@ -103,16 +103,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("info", help="what this build contains")
-    from . import export
+    try:  # export imports torch at module level; torch is an optional dependency
+        from . import export
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        export = None
+        sub.add_parser("export", help="write a packed FP4 checkpoint (needs torch)").add_argument("rest", nargs="*")
     from . import scan as scan_cmd
     from .experiments import cli as experiments_cli
 
-    export.add_cli(sub)
+    if export is not None:
+        export.add_cli(sub)
     scan_cmd.add_cli(sub)
     experiments_cli.add_cli(sub)
     args = ap.parse_args(argv)
 
     if args.cmd == "export":
+        if export is None:
+            print("aqn-rs: error: export needs torch: pip install torch", file=sys.stderr)
+            return 2
         return export.run_cli(args)
     if args.cmd == "scan":
         return scan_cmd.run_cli(args)
