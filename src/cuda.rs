@@ -1050,9 +1050,9 @@ mod imp {
         sigma: f32,
     ) -> Result<()> {
         let l = Launch::new(ordinal, stream)?;
-        let bytes = n.checked_mul(dt.size() as u64).ok_or_else(|| {
-            Error::Value(format!("noise: {n} elements overflow the byte count"))
-        })?;
+        let bytes = n
+            .checked_mul(dt.size() as u64)
+            .ok_or_else(|| Error::Value(format!("noise: {n} elements overflow the byte count")))?;
         l.ptr("out", out, bytes, dt.size() as u64)?;
         if n == 0 {
             return Ok(());
@@ -1355,7 +1355,15 @@ fn cuda_noise(
     #[cfg(aqn_cuda)]
     {
         Ok(imp::noise(
-            dt, device, stream, out, n, offset, key, step, sigma as f32,
+            dt,
+            device,
+            stream,
+            out,
+            n,
+            offset,
+            key,
+            step,
+            sigma as f32,
         )?)
     }
     #[cfg(not(aqn_cuda))]

@@ -14,10 +14,6 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-mod aqn;
-mod cuda;
-mod scan;
-
 create_exception!(
     _aqn_rs,
     AqnError,
@@ -124,92 +120,114 @@ fn same_shape(a: &[usize], b: &[usize]) -> PyResult<()> {
     }
 }
 
+/// A float element type the binding hands to the core, and how numpy holds it: f32 as itself,
+/// bf16 and f16 as their uint16 bit patterns (numpy has no bf16).
+trait FloatElem: Sized {
+    type Bits: numpy::Element;
+    /// The numpy dtype the binding expects, for error messages.
+    const NUMPY: &'static str;
+    fn view(bits: &[Self::Bits]) -> &[Self];
+    fn view_mut(bits: &mut [Self::Bits]) -> &mut [Self];
+}
+
+impl FloatElem for f32 {
+    type Bits = f32;
+    const NUMPY: &'static str = "float32";
+    fn view(bits: &[f32]) -> &[f32] {
+        bits
+    }
+    fn view_mut(bits: &mut [f32]) -> &mut [f32] {
+        bits
+    }
+}
+
+impl FloatElem for bf16 {
+    type Bits = u16;
+    const NUMPY: &'static str = "uint16 (bf16 bits)";
+    fn view(bits: &[u16]) -> &[bf16] {
+        bits.reinterpret_cast()
+    }
+    fn view_mut(bits: &mut [u16]) -> &mut [bf16] {
+        bits.reinterpret_cast_mut()
+    }
+}
+
+impl FloatElem for f16 {
+    type Bits = u16;
+    const NUMPY: &'static str = "uint16 (f16 bits)";
+    fn view(bits: &[u16]) -> &[f16] {
+        bits.reinterpret_cast()
+    }
+    fn view_mut(bits: &mut [u16]) -> &mut [f16] {
+        bits.reinterpret_cast_mut()
+    }
+}
+
+/// Runs `$body` with `$T` the element type named by `$dtype`: the one place that turns a tag
+/// into a type.
+macro_rules! with_dtype {
+    ($dtype:expr, |$T:ident| $body:expr) => {{
+        match $dtype {
+            Dtype::F32 => {
+                type $T = f32;
+                $body
+            }
+            Dtype::Bf16 => {
+                type $T = bf16;
+                $body
+            }
+            Dtype::F16 => {
+                type $T = f16;
+                $body
+            }
+        }
+    }};
+}
+
 /// Runs `$body` with `$xs: &[T]` (input) and `$os: &mut [T]` (output) for the dtype named by
-/// `$dtype`, and `$shape` the input's shape; the one place that turns a tag into a type.
+/// `$dtype`, and `$shape` the input's shape (the output must have it too).
 macro_rules! with_float_io {
-    ($dtype:expr, $x:expr, $out:expr, |$xs:ident, $os:ident, $shape:ident| $body:expr) => {{
-        match $dtype {
-            Dtype::F32 => {
-                let xa = readonly::<f32>($x, "input", "float32")?;
-                let mut oa = readwrite::<f32>($out, "output", "float32")?;
-                let $shape = xa.shape().to_vec();
-                same_shape(&$shape, oa.shape())?;
-                let $xs: &[f32] = as_slice(&xa)?;
-                let $os: &mut [f32] = as_slice_mut(&mut oa)?;
-                $body
-            }
-            Dtype::Bf16 => {
-                let xa = readonly::<u16>($x, "input", "uint16 (bf16 bits)")?;
-                let mut oa = readwrite::<u16>($out, "output", "uint16 (bf16 bits)")?;
-                let $shape = xa.shape().to_vec();
-                same_shape(&$shape, oa.shape())?;
-                let $xs: &[bf16] = as_slice(&xa)?.reinterpret_cast();
-                let $os: &mut [bf16] = as_slice_mut(&mut oa)?.reinterpret_cast_mut();
-                $body
-            }
-            Dtype::F16 => {
-                let xa = readonly::<u16>($x, "input", "uint16 (f16 bits)")?;
-                let mut oa = readwrite::<u16>($out, "output", "uint16 (f16 bits)")?;
-                let $shape = xa.shape().to_vec();
-                same_shape(&$shape, oa.shape())?;
-                let $xs: &[f16] = as_slice(&xa)?.reinterpret_cast();
-                let $os: &mut [f16] = as_slice_mut(&mut oa)?.reinterpret_cast_mut();
-                $body
-            }
-        }
-    }};
+    ($dtype:expr, $x:expr, $out:expr, |$xs:ident, $os:ident, $shape:ident| $body:expr) => {
+        with_dtype!($dtype, |T| {
+            let xa = readonly::<<T as FloatElem>::Bits>($x, "input", T::NUMPY)?;
+            let mut oa = readwrite::<<T as FloatElem>::Bits>($out, "output", T::NUMPY)?;
+            let $shape = xa.shape().to_vec();
+            same_shape(&$shape, oa.shape())?;
+            let $xs: &[T] = T::view(as_slice(&xa)?);
+            let $os: &mut [T] = T::view_mut(as_slice_mut(&mut oa)?);
+            $body
+        })
+    };
 }
 
-/// Like `with_float_io` for one float buffer and no shape check against another.
+/// Like `with_float_io` for one float input (`$what` names it in errors).
 macro_rules! with_float_in {
-    ($dtype:expr, $x:expr, $what:expr, |$xs:ident, $shape:ident| $body:expr) => {{
-        match $dtype {
-            Dtype::F32 => {
-                let xa = readonly::<f32>($x, $what, "float32")?;
-                let $shape = xa.shape().to_vec();
-                let $xs: &[f32] = as_slice(&xa)?;
-                $body
-            }
-            Dtype::Bf16 => {
-                let xa = readonly::<u16>($x, $what, "uint16 (bf16 bits)")?;
-                let $shape = xa.shape().to_vec();
-                let $xs: &[bf16] = as_slice(&xa)?.reinterpret_cast();
-                $body
-            }
-            Dtype::F16 => {
-                let xa = readonly::<u16>($x, $what, "uint16 (f16 bits)")?;
-                let $shape = xa.shape().to_vec();
-                let $xs: &[f16] = as_slice(&xa)?.reinterpret_cast();
-                $body
-            }
-        }
-    }};
+    ($dtype:expr, $x:expr, $what:expr, |$xs:ident, $shape:ident| $body:expr) => {
+        with_dtype!($dtype, |T| {
+            let xa = readonly::<<T as FloatElem>::Bits>($x, $what, T::NUMPY)?;
+            let $shape = xa.shape().to_vec();
+            let $xs: &[T] = T::view(as_slice(&xa)?);
+            $body
+        })
+    };
 }
 
+/// Like `with_float_io` for one float output.
 macro_rules! with_float_out {
-    ($dtype:expr, $out:expr, |$os:ident, $shape:ident| $body:expr) => {{
-        match $dtype {
-            Dtype::F32 => {
-                let mut oa = readwrite::<f32>($out, "output", "float32")?;
-                let $shape = oa.shape().to_vec();
-                let $os: &mut [f32] = as_slice_mut(&mut oa)?;
-                $body
-            }
-            Dtype::Bf16 => {
-                let mut oa = readwrite::<u16>($out, "output", "uint16 (bf16 bits)")?;
-                let $shape = oa.shape().to_vec();
-                let $os: &mut [bf16] = as_slice_mut(&mut oa)?.reinterpret_cast_mut();
-                $body
-            }
-            Dtype::F16 => {
-                let mut oa = readwrite::<u16>($out, "output", "uint16 (f16 bits)")?;
-                let $shape = oa.shape().to_vec();
-                let $os: &mut [f16] = as_slice_mut(&mut oa)?.reinterpret_cast_mut();
-                $body
-            }
-        }
-    }};
+    ($dtype:expr, $out:expr, |$os:ident, $shape:ident| $body:expr) => {
+        with_dtype!($dtype, |T| {
+            let mut oa = readwrite::<<T as FloatElem>::Bits>($out, "output", T::NUMPY)?;
+            let $shape = oa.shape().to_vec();
+            let $os: &mut [T] = T::view_mut(as_slice_mut(&mut oa)?);
+            $body
+        })
+    };
 }
+
+// After the macros above, which scan.rs uses too.
+mod aqn;
+mod cuda;
+mod scan;
 
 fn parse_mode(s: &str) -> PyResult<ScaleMode> {
     Ok(s.parse::<ScaleMode>().map_err(CoreError)?)

@@ -4,14 +4,13 @@
 
 use aqn_core::scan::{self, TensorScan};
 use aqn_core::ScaleMode;
-use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use numpy::PyUntypedArrayMethods;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::{as_slice, readonly, CoreError, Dtype};
+use crate::{as_slice, readonly, CoreError, Dtype, FloatElem};
 
 /// The raw scan as a dict (see `aqn_core::scan::TensorScan` for every field).
 fn to_dict<'py>(
@@ -88,22 +87,9 @@ fn scan_tensor<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let dtype = Dtype::parse(dtype)?;
     let mode = scale_mode.parse::<ScaleMode>().map_err(CoreError)?;
-    let (st, gs) = match dtype {
-        Dtype::F32 => {
-            let xa = readonly::<f32>(x, "input", "float32")?;
-            run(py, as_slice(&xa)?, xa.shape(), format, mode, amax)?
-        }
-        Dtype::Bf16 => {
-            let xa = readonly::<u16>(x, "input", "uint16 (bf16 bits)")?;
-            let xs: &[bf16] = as_slice(&xa)?.reinterpret_cast();
-            run(py, xs, xa.shape(), format, mode, amax)?
-        }
-        Dtype::F16 => {
-            let xa = readonly::<u16>(x, "input", "uint16 (f16 bits)")?;
-            let xs: &[f16] = as_slice(&xa)?.reinterpret_cast();
-            run(py, xs, xa.shape(), format, mode, amax)?
-        }
-    };
+    let (st, gs) = with_float_in!(dtype, x, "input", |xs, shape| run(
+        py, xs, &shape, format, mode, amax
+    )?);
     to_dict(py, &st, gs)
 }
 
