@@ -176,21 +176,6 @@ def _pow2_t(k):
     return torch.where(k >= -126, normal, subnormal).view(torch.float32)
 
 
-def _e2m1_round_t(y, table):
-    """decode(encode(y)) for E2M1 (docs/FORMATS.md §E2M1), on y's device."""
-    import torch
-
-    a = y.abs()
-    idx = (a > 0.25).to(torch.int64)
-    idx += a >= 0.75
-    idx += a > 1.25
-    idx += a >= 1.75
-    idx += a > 2.5
-    idx += a >= 3.5
-    idx += a > 5.0
-    return torch.copysign(table[idx], y)
-
-
 def torch_raw_stats(x, spec: FormatSpec, amax: Any = None, chunk_elems: int = 1 << 24) -> Dict[str, Any]:
     """The same raw sums and counts as `rust_raw_stats`, as torch reductions over the outputs of
     our `quantize` (codes, scale bytes, global scale) and `fake_quant` on `x`'s device: the CUDA
@@ -205,6 +190,8 @@ def torch_raw_stats(x, spec: FormatSpec, amax: Any = None, chunk_elems: int = 1 
             temporaries on the device).
     """
     import torch
+
+    from . import reference
 
     dev = x.device
     q = spec.quantizer()
@@ -235,7 +222,6 @@ def torch_raw_stats(x, spec: FormatSpec, amax: Any = None, chunk_elems: int = 1 
     scales = qt.scales.reshape(rows, nb)
     packed = qt.codes.reshape(rows, -1)
     ladder = torch.tensor(gain_ladder(), dtype=torch.float32, device=dev)
-    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float32, device=dev)
     real = (torch.arange(nb * B, device=dev) < k).view(nb, B)
 
     f64 = dict(dtype=torch.float64, device=dev)
@@ -303,7 +289,7 @@ def torch_raw_stats(x, spec: FormatSpec, amax: Any = None, chunk_elems: int = 1 
         a = torch.where(g, bamax, 1.0).unsqueeze(-1)
         p = a * ladder
         yy = p * enc.unsqueeze(-1) if spec.format == "mxfp4" else p / dec.unsqueeze(-1)
-        qq = _e2m1_round_t(yy, table) * dec.unsqueeze(-1)
+        qq = reference.e2m1_decode(reference.e2m1_encode(yy)) * dec.unsqueeze(-1)
         gm = g.unsqueeze(-1)
         acc["response_sum"] += torch.where(gm, qq.double() / a.double(), zd).sum(dim=(0, 1))
         acc["probe_dead"] += (gm & (qq == 0)).sum(dim=(0, 1))
