@@ -1503,7 +1503,9 @@ def format_report(results: Dict[str, Any], top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), or None without matplotlib.
+    The scanner's and the experiments' plots both go through here."""
     try:
         import matplotlib
 
@@ -1519,7 +1521,7 @@ def plot_results(results: Dict[str, Any], path: Union[str, os.PathLike], other: 
     """PNG: (1) SQNR per layer per format (excluded layers hollow on a grey band; `other`'s
     dashed), (2) deadzone and saturation fractions per layer, (3) the pooled gain scan.
     Returns None (with a note on stderr) when matplotlib is not installed."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         print("aqn-rs scan: matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
         return None

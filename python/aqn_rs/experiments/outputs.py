@@ -23,6 +23,7 @@ import math
 import pathlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from ..scan import pyplot
 from .errors import ExperimentError
 
 # TRL log keys kept in metrics.jsonl (renamed where the plan uses another word).
@@ -151,22 +152,10 @@ def write_summary(run_dir: pathlib.Path, summary: Dict[str, Any]) -> None:
     (pathlib.Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        return plt
-    except ImportError:
-        return None
-
-
 def plot_curves(run_dir: pathlib.Path, records: Sequence[Dict[str, Any]], title: str = "") -> Optional[pathlib.Path]:
     """curves.png: validation accuracy, entropy, reward and sigma against the step (matplotlib;
     without it a note is printed and None returned)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         print("[aqn-rs] matplotlib is not installed: curves.png not written (pip install matplotlib)")
         return None
@@ -241,7 +230,7 @@ def results_table(runs: Sequence[Dict[str, Any]]) -> str:
 
 
 def plot_compare(runs: Sequence[Dict[str, Any]], out: pathlib.Path) -> Optional[pathlib.Path]:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         print("[aqn-rs] matplotlib is not installed: no PNG written (pip install matplotlib)")
         return None
