@@ -943,6 +943,22 @@ def _after_sync_step(state: Optional[TrainerState], global_steps: Any) -> Option
     return int(global_steps)
 
 
+async def _noise_replicas_async(replicas: Iterable[Any], args: tuple, kwargs: Dict[str, Any]) -> None:
+    """After `update_weights(global_steps)`: the replicas get that step's noise (async RPC)."""
+    step = _after_sync_step(_TRAINER, _arg(args, kwargs, 0, "global_steps"))
+    if step is not None:
+        await _rpc_async(replicas, "aqn_rs_apply", _TRAINER.rpc_kwargs(step))
+        _TRAINER.applied_step = step
+
+
+def _noise_replicas_sync(replicas: Iterable[Any], args: tuple, kwargs: Dict[str, Any]) -> None:
+    """`_noise_replicas_async` for a synchronous `update_weights`."""
+    step = _after_sync_step(_TRAINER, _arg(args, kwargs, 0, "global_steps"))
+    if step is not None:
+        _rpc_sync(replicas, "aqn_rs_apply", _TRAINER.rpc_kwargs(step))
+        _TRAINER.applied_step = step
+
+
 # ---------------------------------------------------------------------------------------------
 # The wrappers installed on verl's classes
 # ---------------------------------------------------------------------------------------------
@@ -1109,10 +1125,7 @@ def _wrap_manager_update_weights(orig: Callable) -> Callable:
 
         async def update_weights(self, *args, **kwargs):
             out = await inner(self, *args, **kwargs)
-            step = _after_sync_step(_TRAINER, _arg(args, kwargs, 0, "global_steps"))
-            if step is not None:
-                await _rpc_async(self.replicas, "aqn_rs_apply", _TRAINER.rpc_kwargs(step))
-                _TRAINER.applied_step = step
+            await _noise_replicas_async(self.replicas, args, kwargs)
             return out
 
         functools.update_wrapper(update_weights, inner)
@@ -1123,10 +1136,7 @@ def _wrap_manager_update_weights(orig: Callable) -> Callable:
         @functools.wraps(orig)
         async def update_weights_async(self, *args, **kwargs):
             out = await orig(self, *args, **kwargs)
-            step = _after_sync_step(_TRAINER, _arg(args, kwargs, 0, "global_steps"))
-            if step is not None:
-                await _rpc_async(self.replicas, "aqn_rs_apply", _TRAINER.rpc_kwargs(step))
-                _TRAINER.applied_step = step
+            await _noise_replicas_async(self.replicas, args, kwargs)
             return out
 
         return update_weights_async
@@ -1134,10 +1144,7 @@ def _wrap_manager_update_weights(orig: Callable) -> Callable:
     @functools.wraps(orig)
     def update_weights_sync(self, *args, **kwargs):
         out = orig(self, *args, **kwargs)
-        step = _after_sync_step(_TRAINER, _arg(args, kwargs, 0, "global_steps"))
-        if step is not None:
-            _rpc_sync(self.replicas, "aqn_rs_apply", _TRAINER.rpc_kwargs(step))
-            _TRAINER.applied_step = step
+        _noise_replicas_sync(self.replicas, args, kwargs)
         return out
 
     return update_weights_sync
