@@ -56,48 +56,42 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// A float from a Python number or a numeric string.
-fn float_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+/// A number from a Python object: `extract` for numbers, `str::parse` for a numeric string,
+/// never a bool; errors say "expected {kind}".
+fn number_arg<T: std::str::FromStr>(
+    obj: &Bound<'_, PyAny>,
+    what: &str,
+    kind: &str,
+    extract: impl FnOnce(&Bound<'_, PyAny>) -> Option<T>,
+) -> PyResult<T> {
     if obj.is_instance_of::<pyo3::types::PyBool>() {
         return Err(PyTypeError::new_err(format!(
-            "{what}: expected a number, got a bool"
+            "{what}: expected {kind}, got a bool"
         )));
     }
-    if let Ok(v) = obj.extract::<f64>() {
+    if let Some(v) = extract(obj) {
         return Ok(v);
     }
     if let Ok(s) = obj.cast::<PyString>() {
         let s = s.to_cow()?;
-        return s.trim().parse::<f64>().map_err(|_| {
-            PyValueError::new_err(format!("{what}: expected a number, got the string {s:?}"))
+        return s.trim().parse::<T>().map_err(|_| {
+            PyValueError::new_err(format!("{what}: expected {kind}, got the string {s:?}"))
         });
     }
     Err(PyTypeError::new_err(format!(
-        "{what}: expected a number, got {}",
+        "{what}: expected {kind}, got {}",
         type_name(obj)
     )))
 }
 
+/// A float from a Python number or a numeric string.
+fn float_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+    number_arg(obj, what, "a number", |o| o.extract::<f64>().ok())
+}
+
 /// An integer (Python int or anything with `__index__`, or a string of digits).
 fn int_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i128> {
-    if obj.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(PyTypeError::new_err(format!(
-            "{what}: expected an integer, got a bool"
-        )));
-    }
-    if let Ok(v) = obj.extract::<i128>() {
-        return Ok(v);
-    }
-    if let Ok(s) = obj.cast::<PyString>() {
-        let s = s.to_cow()?;
-        return s.trim().parse::<i128>().map_err(|_| {
-            PyValueError::new_err(format!("{what}: expected an integer, got the string {s:?}"))
-        });
-    }
-    Err(PyTypeError::new_err(format!(
-        "{what}: expected an integer, got {}",
-        type_name(obj)
-    )))
+    number_arg(obj, what, "an integer", |o| o.extract::<i128>().ok())
 }
 
 /// A u64 step, seed or offset; negative or too large values are a ValueError.
