@@ -104,6 +104,13 @@ stash() {
     return 0
 }
 
+# The experiment code and presets come from this working tree (the carried wheel may be older);
+# the compiled core from the tree's own build if carried (python/aqn_rs/_aqn_rs.abi3.so), else
+# from the carried wheel.
+tree_core() {
+    [ -f python/aqn_rs/_aqn_rs.abi3.so ] || cp "$SITE/aqn_rs/_aqn_rs.abi3.so" python/aqn_rs/
+}
+
 install_stash() {
     local sha parts
     sha=$(awk '/gguf_sha256/ {print $2}' "$STASH/in/MANIFEST")
@@ -118,9 +125,7 @@ install_stash() {
         echo "== import failed with the image's own hub: adding $EXTRA_WHEELS"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$STASH"/in/extra/*.whl
     fi
-    # The experiment code comes from this tree (the carried wheel may be older); the compiled
-    # core from the tree's own build if carried (python/aqn_rs/_aqn_rs.abi3.so), else the wheel's.
-    [ -f python/aqn_rs/_aqn_rs.abi3.so ] || cp "$SITE/aqn_rs/_aqn_rs.abi3.so" python/aqn_rs/
+    tree_core
     local pp="$PWD/python:$SITE"
     PYTHONPATH="$pp" "$PY" -c "import datasets, trl, gguf, transformers, pyarrow, aqn_rs, json; print('trl', trl.__version__, 'datasets', datasets.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__); print(json.dumps(aqn_rs.build_info()))"
     # Convert the GGUF once (later runs load the cached safetensors copy in a second).
@@ -130,9 +135,7 @@ install_stash() {
 run() {
     [ $# -gt 0 ] || set -- baseline mxfp4-only nvfp4 1D 1E
     [ -f "$STASH/$GGUF_NAME" ] || die "no $STASH/$GGUF_NAME: run the stash calls first"
-    # The experiment code and presets come from this working tree; the compiled core (with its
-    # CUDA kernels) from the carried wheel.
-    [ -f python/aqn_rs/_aqn_rs.abi3.so ] || cp "$SITE/aqn_rs/_aqn_rs.abi3.so" python/aqn_rs/
+    tree_core
     export PYTHONPATH="$PWD/python:$SITE${PYTHONPATH:+:$PYTHONPATH}"
     nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || true
     local par=${PARALLEL:-1} gpus=${GPUS:-1} out=${OUT:-/tmp/aqn_runs} pids=() p

@@ -128,13 +128,19 @@ def _reference_gaussian(
     it is one IEEE round-to-nearest operation on CPU and CUDA alike (never run it under
     torch.compile, which may fuse multiply-adds; it is excluded from compilation).
     """
+    return _eager(_reference_gaussian_eager, shape, seed, step, name, sigma, offset, device)
+
+
+def _eager(fn, *args):
+    """`fn(*args)`, kept out of any torch.compile graph (`torch.compiler.disable`) when dynamo
+    is loaded, which is the only time anything can be compiling."""
     import sys
 
-    if "torch._dynamo" in sys.modules:  # only then can anything be compiling
+    if "torch._dynamo" in sys.modules:
         import torch
 
-        return torch.compiler.disable(_reference_gaussian_eager)(shape, seed, step, name, sigma, offset, device)
-    return _reference_gaussian_eager(shape, seed, step, name, sigma, offset, device)
+        return torch.compiler.disable(fn)(*args)
+    return fn(*args)
 
 
 def _reference_gaussian_eager(shape, seed, step, name, sigma, offset, device):
@@ -241,13 +247,8 @@ def _cuda_kernels() -> bool:
 def _cuda_gaussian(shape, seed, step, name, sigma, offset, device, dtype):
     """The noise kernel (cuda/noise.cu): one launch on torch's current stream, the output
     dtype written directly; bit-identical to the CPU path (tests/test_noise.py)."""
-    import sys
-
-    if "torch._dynamo" in sys.modules:  # raw pointers cannot be traced: run it eagerly
-        import torch
-
-        return torch.compiler.disable(_cuda_gaussian_eager)(shape, seed, step, name, sigma, offset, device, dtype)
-    return _cuda_gaussian_eager(shape, seed, step, name, sigma, offset, device, dtype)
+    # Raw pointers cannot be traced: always eager.
+    return _eager(_cuda_gaussian_eager, shape, seed, step, name, sigma, offset, device, dtype)
 
 
 def _cuda_gaussian_eager(shape, seed, step, name, sigma, offset, device, dtype):
