@@ -78,19 +78,20 @@ __device__ __forceinline__ void load_vecs(const uint4* __restrict__ x, long long
     }
 }
 
+// What fake_quant_vec and quantize_vec share: walk the vectors, take each block's amax over
+// the lanes that share it, and hand `body(i, v, m, rule)` the index i of each vector in the
+// tensor, the vector v and its block's max |x| bits m.
 // RuleOf::make(a) builds the rule once per CTA. It runs after the first loads are issued:
 // NVFP4's rule folds the amax partials (an L2 round trip and a barrier), which then hides
 // behind the latency of those loads instead of stalling every CTA at its start.
-template <typename T, typename RuleOf>
-__device__ __forceinline__ void fake_quant_vec(const Args& a) {
+template <typename T, typename RuleOf, typename Body>
+__device__ __forceinline__ void encode_vec(const Args& a, Body body) {
     using D = Dtype<T>;
     using Rule = decltype(RuleOf::make(a));
-    constexpr int EPV = D::EPV;
-    constexpr int TPB = Rule::BLOCK / EPV;
+    constexpr int TPB = Rule::BLOCK / D::EPV;
     constexpr int U = VEC_UNROLL;
     const uint4* __restrict__ x = static_cast<const uint4*>(a.x);
-    uint4* __restrict__ out = static_cast<uint4*>(a.out);
-    const long long n_vec = a.rows * a.k / EPV;
+    const long long n_vec = a.rows * a.k / D::EPV;
     const long long stride = (long long)gridDim.x * blockDim.x * U;
     const long long base0 = (long long)blockIdx.x * blockDim.x * U;
     uint4 v[U];
@@ -103,62 +104,54 @@ __device__ __forceinline__ void fake_quant_vec(const Args& a) {
         for (int u = 0; u < U; ++u) {
             long long i = base + (long long)u * blockDim.x + threadIdx.x;
             uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
-            if (i >= n_vec) continue;  // whole groups are out together (n_vec % TPB == 0)
-            if (m >= NON_FINITE_ABS_BITS) {
-                out[i] = D::nan_vec();
-                continue;
-            }
-            Scale s = rule.scale(u2f(m));
-            float f[EPV];
-            D::unpack(v[u], f);
-#pragma unroll
-            for (int e = 0; e < EPV; ++e) f[e] = fake_quant_elem(f[e], s, rule);
-            out[i] = D::pack(f);
+            if (i < n_vec) body(i, v[u], m, rule);  // whole groups are out together
         }
     }
+}
+
+template <typename T, typename RuleOf>
+__device__ __forceinline__ void fake_quant_vec(const Args& a) {
+    using D = Dtype<T>;
+    uint4* __restrict__ out = static_cast<uint4*>(a.out);
+    encode_vec<T, RuleOf>(a, [&](long long i, const uint4& v, uint32_t m, const auto& rule) {
+        if (m >= NON_FINITE_ABS_BITS) {
+            out[i] = D::nan_vec();
+            return;
+        }
+        Scale s = rule.scale(u2f(m));
+        float f[D::EPV];
+        D::unpack(v, f);
+#pragma unroll
+        for (int e = 0; e < D::EPV; ++e) f[e] = fake_quant_elem(f[e], s, rule);
+        out[i] = D::pack(f);
+    });
 }
 
 template <typename T, typename RuleOf>
 __device__ __forceinline__ void quantize_vec(const Args& a) {
     using D = Dtype<T>;
     using Rule = decltype(RuleOf::make(a));
-    constexpr int EPV = D::EPV;
-    constexpr int TPB = Rule::BLOCK / EPV;
-    constexpr int U = VEC_UNROLL;
-    const uint4* __restrict__ x = static_cast<const uint4*>(a.x);
-    const long long n_vec = a.rows * a.k / EPV;
-    const long long stride = (long long)gridDim.x * blockDim.x * U;
-    const long long base0 = (long long)blockIdx.x * blockDim.x * U;
-    uint4 v[U];
-    load_vecs(x, base0, n_vec, v);
-    const Rule rule = RuleOf::make(a);  // every thread, before the loop (it may sync)
-    for (long long base = base0; base < n_vec; base += stride) {
-        if (base != base0) load_vecs(x, base, n_vec, v);
+    constexpr int TPB = Rule::BLOCK / D::EPV;
+    encode_vec<T, RuleOf>(a, [&](long long i, const uint4& v, uint32_t m, const auto& rule) {
+        uint32_t packed = 0, byte;
+        if (m >= NON_FINITE_ABS_BITS) {
+            byte = Rule::NAN_BYTE;  // codes stay 0
+        } else {
+            Scale s = rule.scale(u2f(m));
+            byte = s.byte;
+            float f[D::EPV];
+            D::unpack(v, f);
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            long long i = base + (long long)u * blockDim.x + threadIdx.x;
-            uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
-            if (i >= n_vec) continue;
-            uint32_t packed = 0, byte;
-            if (m >= NON_FINITE_ABS_BITS) {
-                byte = Rule::NAN_BYTE;  // codes stay 0
-            } else {
-                Scale s = rule.scale(u2f(m));
-                byte = s.byte;
-                float f[EPV];
-                D::unpack(v[u], f);
-#pragma unroll
-                for (int e = 0; e < EPV; ++e) packed |= quantize_elem(f[e], s, rule) << (4 * e);
-            }
-            // EPV codes = EPV / 2 bytes: element 2j in the low nibble of byte j.
-            if (EPV == 8) {
-                reinterpret_cast<uint32_t*>(a.codes)[i] = packed;
-            } else {
-                reinterpret_cast<uint16_t*>(a.codes)[i] = uint16_t(packed);
-            }
-            if (threadIdx.x % TPB == 0) a.scales[i / TPB] = uint8_t(byte);
+            for (int e = 0; e < D::EPV; ++e) packed |= quantize_elem(f[e], s, rule) << (4 * e);
         }
-    }
+        // EPV codes = EPV / 2 bytes: element 2j in the low nibble of byte j.
+        if (D::EPV == 8) {
+            reinterpret_cast<uint32_t*>(a.codes)[i] = packed;
+        } else {
+            reinterpret_cast<uint16_t*>(a.codes)[i] = uint16_t(packed);
+        }
+        if (threadIdx.x % TPB == 0) a.scales[i / TPB] = uint8_t(byte);
+    });
 }
 
 template <typename T, typename RuleOf>

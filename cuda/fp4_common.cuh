@@ -33,6 +33,19 @@ struct Args {
     int mode;               // MXFP4 scale mode: 0 floor, 1 rceil, 2 even, 3 ceil
 };
 
+// A 16-byte read-only load for a pass that reads each byte once and keeps nothing: no L1
+// allocation, and a 256-byte L2 prefetch. In the amax pass of 16-bit tensors it took NVFP4
+// incl. amax on an H100 from 1.61 to 1.59x the copy time (bf16 4096x14336, docs/BENCHMARKS.md);
+// for f32 tensors it made the pair slower (1.53 -> 1.56x), and in the element kernels it
+// made them slower too: those keep __ldg.
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
 // ---------------------------------------------------------------------------------------
 // f32 bit helpers.
 

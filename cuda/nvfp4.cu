@@ -124,7 +124,9 @@ __device__ __forceinline__ void amax_partials(const Args& a) {
 #pragma unroll
         for (int u = 0; u < AMAX_UNROLL; ++u) {
             long long i = base + (long long)u * blockDim.x + threadIdx.x;
-            v[u] = i < n_vec ? __ldg(xv + i) : make_uint4(0, 0, 0, 0);
+            v[u] = i >= n_vec       ? make_uint4(0, 0, 0, 0)
+                   : sizeof(T) == 2 ? ldg_stream(xv + i)  // 16-bit only: see ldg_stream
+                                    : __ldg(xv + i);
         }
 #pragma unroll
         for (int u = 0; u < AMAX_UNROLL; ++u) m = max(m, D::absmax_bits(v[u]));

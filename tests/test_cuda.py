@@ -242,6 +242,44 @@ def test_nvfp4_matches_cpu(dtype, amax_kind):
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_nvfp4_near_midpoint_quotients(dtype):
+    """Blocks whose elements sit within a few ulps of midpoint * d (d the block's decode
+    scale, not a power of two): the E2M1 code then hangs on the last bit of the correctly
+    rounded quotient x / d (multiplying by a rounded 1/d gets some of these wrong). Global
+    scales from tiny to huge amaxes, both signs."""
+    rng = np.random.default_rng(29)
+    q = aqn_rs.Nvfp4Quantizer()
+    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+    for gamax in (1.0, 3.7, 384.0, 1e-3, 12345.678, 2.0**-20, 2.0**30):
+        blocks = []
+        for big in rng.uniform(0.05, 1.0, 12).astype(np.float32) * np.float32(gamax):
+            head = torch.zeros(16).to(dtype)
+            head[0] = float(big)
+            t = q.quantize(head, amax=gamax)
+            e4 = torch.tensor([int(t.scales.reshape(-1)[0])], dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+            dec = np.float32(e4.numpy()[0]) / np.float32(t.global_scale)
+            c = (mids * dec).astype(np.float32).view(np.int32).astype(np.int64)
+            probes = (c[:, None] + np.arange(-6, 7)[None, :]).astype(np.int32).view(np.float32).reshape(-1)
+            probes = np.where(rng.random(probes.size) < 0.5, -probes, probes)
+            for i in range(0, probes.size, 15):
+                blk = torch.zeros(16)
+                blk[0] = float(head[0])
+                chunk = torch.from_numpy(probes[i : i + 15].copy())
+                blk[1 : 1 + chunk.numel()] = chunk
+                blocks.append(blk.to(dtype))
+        x = torch.stack(blocks).reshape(-1, 64 if len(blocks) % 4 == 0 else 16)
+        for amax in (gamax, None):
+            what = f"near-midpoint {dtype} amax={gamax} ({'given' if amax else 'computed'})"
+            xg = x.cuda()
+            assert_bits_equal(_cuda.fake_quant(xg, "nvfp4", "floor", amax), cpu_fake_quant(x, "nvfp4", "floor", amax), what)
+            codes, scales, _ = _cuda.quantize(xg, "nvfp4", "floor", amax)
+            want = cpu_quantize(x, "nvfp4", "floor", amax)
+            assert_bits_equal(codes, want.codes, what + " codes")
+            assert_bits_equal(scales, want.scales, what + " scales")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_amax_matches_cpu(dtype):
     cases = []
     for si, shape in enumerate(SHAPES + [(3, 1 << 20)]):
