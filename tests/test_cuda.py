@@ -351,7 +351,8 @@ def test_grid_stride_loops(pdl):
 
 @gpu
 def test_quantizer_api_dispatches_cuda_tensors():
-    """The user API sends CUDA tensors here and returns CUDA tensors."""
+    """The user API sends CUDA tensors here and returns CUDA tensors; its checks of a CUDA
+    tensor (done here, on the hot path) say what the CPU path says."""
     x = torch.randn(8, 96, device="cuda", dtype=torch.bfloat16)
     for q in (aqn_rs.Mxfp4Quantizer(scale_mode="even"), aqn_rs.Nvfp4Quantizer()):
         y = q.fake_quant(x)
@@ -360,6 +361,11 @@ def test_quantizer_api_dispatches_cuda_tensors():
         t = q.quantize(x)
         assert t.codes.is_cuda
         assert_bits_equal(q.dequantize(t), y, type(q).__name__ + " roundtrip")
+        for bad, err, msg in ((x.double(), TypeError, "unsupported dtype"), (x.t(), ValueError, "contiguous"),
+                              (x[0, 0], ValueError, "0-d")):
+            for dev in ("cuda", "cpu"):
+                with pytest.raises(err, match=msg):
+                    q.fake_quant(bad.to(dev))
 
 
 @gpu

@@ -18,20 +18,23 @@ _BLOCK = {"mxfp4": 32, "nvfp4": 16}
 _AMAX_SCRATCH = int(getattr(_rs, "CUDA_AMAX_SCRATCH", 1024))
 
 _available: Optional[bool] = None
-_dtags: Optional[dict] = None  # torch dtype -> "f32" / "bf16" / "f16"
+# Filled by _init() on the first call (this module imports without torch): torch dtype ->
+# "f32" / "bf16" / "f16"; an empty dict sends the first call through _check, which fills it.
+_dtags: dict = {}
 _raw_stream = None  # torch._C._cuda_getCurrentRawStream(device_index) -> int
 _empty_like = None  # torch.empty_like
+_rs_fake_quant = _rs.cuda_fake_quant
 
 
 def _init() -> None:
-    global _dtags, _raw_stream, _empty_like
+    global _raw_stream, _empty_like
     import torch
 
     _empty_like = torch.empty_like
-    _dtags = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
     _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
         lambda d: torch.cuda.current_stream(d).cuda_stream
     )
+    _dtags.update({torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"})
 
 
 def available() -> bool:
@@ -56,19 +59,23 @@ def build_archs() -> List[str]:
 
 
 def _check(x: Any, what: str = "x") -> Tuple[str, int]:
-    """(dtype tag, device index) of a contiguous CUDA tensor of a supported dtype."""
-    if _dtags is None:
+    """(dtype tag, device index) of a contiguous CUDA tensor of a supported dtype (the
+    messages are the quantizers' own: their CUDA calls come straight here)."""
+    if not _dtags:
         _init()
     tag = _dtags.get(x.dtype)
     if tag is None:
         raise TypeError(
-            f"{what}: unsupported dtype {x.dtype}; expected float32, bfloat16 or float16"
+            f"unsupported dtype {x.dtype}; expected torch.float32, torch.bfloat16 or torch.float16"
         )
     dev = x.get_device()
     if dev < 0:
         raise ValueError(f"{what} is a CPU tensor; the CUDA path needs a CUDA tensor")
     if not x.is_contiguous():
-        raise ValueError(f"{what} must be contiguous; call .contiguous() first")
+        raise ValueError(
+            "expected a contiguous tensor (blocks run along the last dimension of a "
+            "row-major tensor); call .contiguous() first"
+        )
     return tag, dev
 
 
@@ -112,20 +119,22 @@ def fake_quant(x: Any, fmt: str, scale_mode: str, amax: Any = None):
     """Quantize-dequantize x ("mxfp4" with scale_mode, or "nvfp4" with an optional amax:
     None computes it on the device, a float or a 0-d tensor on any device is used as is).
     Returns a new tensor like x."""
-    # The hot path: _check inlined, no imports (this is the per-call overhead).
-    if _dtags is None:
-        _init()
+    # The hot path (this is the per-call overhead): _check inlined, no imports, each tensor
+    # attribute read once; the first call goes through _check, which sets up the module.
     tag = _dtags.get(x.dtype)
     dev = x.get_device()
     if tag is None or dev < 0 or not x.is_contiguous():
-        _check(x)  # raises the right error
-    k = x.size(-1) if x.dim() else _rows_k(())
+        tag, dev = _check(x)  # raises for a bad input
+    try:
+        k = x.size(-1)
+    except IndexError:
+        _rows_k(())  # a 0-d tensor: raises the quantizers' message
     out = _empty_like(x)
     if fmt == "nvfp4":
         ap, av, sp, _keep = _amax_args(amax, x, dev)
     else:
         ap, av, sp = 0, None, 0
-    _rs.cuda_fake_quant(
+    _rs_fake_quant(
         fmt, scale_mode, tag, dev, _raw_stream(dev), x.data_ptr(), out.data_ptr(),
         x.numel() // k if k else 0, k, ap, av, sp,
     )
@@ -164,7 +173,7 @@ def dequantize(codes: Any, scales: Any, global_scale: Any, shape, fmt: str, dtyp
     (NVFP4: global_scale a float or a 0-d tensor, as quantize returned it)."""
     import torch
 
-    if _dtags is None:
+    if not _dtags:
         _init()
     tag = _dtags.get(dtype)
     if tag is None:

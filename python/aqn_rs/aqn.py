@@ -259,7 +259,7 @@ def _cuda_gaussian_eager(shape, seed, step, name, sigma, offset, device, dtype):
     seed, step, offset = _u64(seed, "seed"), _u64(step, "step"), _u64(offset, "offset")
     out = torch.empty(shape, dtype=dtype, device=device)
     idx = out.get_device()
-    if _cuda._dtags is None:
+    if not _cuda._dtags:
         _cuda._init()
     _aqn_rs.cuda_noise(_cuda._dtags[dtype], idx, _cuda._raw_stream(idx), out.data_ptr(), out.numel(),
                        offset, seed, str(name), step, float(sigma))

@@ -127,16 +127,22 @@ def _check_input(x: Any) -> Tuple[str, str]:
     )
 
 
-def _cuda_module():
-    from . import _cuda
+_CUDA = None  # the _cuda module, once it has been found usable
 
-    if not _cuda.available():
-        raise RuntimeError(
-            "a CUDA tensor was passed but aqn_rs has no usable CUDA kernels "
-            f"(build_info: {build_info()}); reinstall aqn-rs with the kernels "
-            "(pip install aqn-rs, without AQN_NO_CUDA=1) or move the tensor to the CPU"
-        )
-    return _cuda
+
+def _cuda_module():
+    global _CUDA
+    if _CUDA is None:
+        from . import _cuda
+
+        if not _cuda.available():
+            raise RuntimeError(
+                "a CUDA tensor was passed but aqn_rs has no usable CUDA kernels "
+                f"(build_info: {build_info()}); reinstall aqn-rs with the kernels "
+                "(pip install aqn-rs, without AQN_NO_CUDA=1) or move the tensor to the CPU"
+            )
+        _CUDA = _cuda
+    return _CUDA
 
 
 def _amax_value(amax: Any) -> Optional[float]:
@@ -302,9 +308,9 @@ class Mxfp4Quantizer(_Quantizer):
             A new tensor/array of the same type, shape, dtype and device. Blocks containing
             NaN or Inf come back as NaN. Autograd is not tracked (see `aqn_rs.torch` for STE).
         """
-        kind, tag = _check_input(x)
-        if kind == "torch-cuda":
+        if getattr(x, "is_cuda", False):  # the hot path: _cuda checks the tensor itself
             return _cuda_module().fake_quant(x, "mxfp4", self.scale_mode, None)
+        kind, tag = _check_input(x)
         out = self._alloc_like(x, kind)
         _aqn_rs.mxfp4_fake_quant(_rs_view(x, tag), _rs_view(out, tag), tag, self.scale_mode)
         return out
@@ -388,9 +394,9 @@ class Nvfp4Quantizer(_Quantizer):
         Returns:
             A new tensor/array like `x`.
         """
-        kind, tag = _check_input(x)
-        if kind == "torch-cuda":
+        if getattr(x, "is_cuda", False):  # the hot path: _cuda checks the tensor itself
             return _cuda_module().fake_quant(x, "nvfp4", "floor", amax)
+        kind, tag = _check_input(x)
         out = self._alloc_like(x, kind)
         _aqn_rs.nvfp4_fake_quant(_rs_view(x, tag), _rs_view(out, tag), tag, _amax_value(amax))
         return out
