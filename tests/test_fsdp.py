@@ -4,7 +4,6 @@ process, with W4A16 fake quant on every Linear."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -33,12 +32,12 @@ def _loss(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, fmt: str) -> None:
+def _worker(rank: int, world: int, store: str, out_dir: str, fmt: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port to pick (picking a free one and closing it before the
+    # ranks bind it is a race).
+    torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
     try:
         model = _model()
         for layer in model:
@@ -61,15 +60,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fmt: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_fsdp2_two_processes_match_one(tmp_path, fmt):
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path), fmt), nprocs=2, join=True)
+    store = str(tmp_path / "rendezvous")
+    torch.multiprocessing.spawn(_worker, args=(2, store, str(tmp_path), fmt), nprocs=2, join=True)
     got = torch.load(tmp_path / "fsdp.pt")
     assert got["n"] == 3
 

@@ -503,9 +503,10 @@ _DTENSOR_SCRIPT = textwrap.dedent(
     from torch.distributed.device_mesh import init_device_mesh
     from aqn_rs.aqn import AqnNoise, SigmaScheduler
 
-    def main(rank, world, port):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    def main(rank, world, store):
+        # A file rendezvous: no TCP port to pick (picking a free one and closing it before
+        # the ranks bind it is a race).
+        dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
         mesh = init_device_mesh("cpu", (world,))
         torch.manual_seed(0)
         ok = True
@@ -523,7 +524,7 @@ _DTENSOR_SCRIPT = textwrap.dedent(
         dist.destroy_process_group()
 
     if __name__ == "__main__":
-        torch.multiprocessing.spawn(main, args=(2, int(sys.argv[1])), nprocs=2)
+        torch.multiprocessing.spawn(main, args=(2, sys.argv[1]), nprocs=2)
     """
 )
 
@@ -531,14 +532,10 @@ _DTENSOR_SCRIPT = textwrap.dedent(
 def test_fsdp2_row_shards_get_their_slice_of_the_noise(tmp_path):
     """A DTensor sharded on dim 0 over 2 gloo ranks: each rank's local noise is its rows of
     the full tensor's noise (offset = first row * row length)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = tmp_path / "dtensor_noise.py"
     script.write_text(_DTENSOR_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=120)
+    store = tmp_path / "rendezvous"
+    out = subprocess.run([sys.executable, str(script), str(store)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(out.stdout.split()) == ["0", "1", "OK", "OK"], out.stdout
 
