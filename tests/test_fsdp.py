@@ -33,17 +33,21 @@ def _loss(model, x, y):
 
 
 def _worker(rank: int, world: int, store: str, out_dir: str, fmt: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     # A file rendezvous: no TCP port to pick (picking a free one and closing it before the
     # ranks bind it is a race).
     torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
     try:
+        # A CPU mesh, named: fully_shard's default mesh is the GPU's where one is visible, and
+        # the model and its inputs here live on the CPU.
+        mesh = init_device_mesh("cpu", (world,))
         model = _model()
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         q = aqn_rs.Nvfp4Quantizer() if fmt == "nvfp4" else aqn_rs.Mxfp4Quantizer()
         h = aqn_rs.quantize_model(model, q, exclude=())
         x, y = _batch()
