@@ -314,6 +314,21 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert lines[0].startswith(message), lines[0]
 
 
+def test_cli_reports_a_named_data_path_before_a_missing_default_model(capsys, monkeypatch):
+    """The user's typo comes first, whatever is installed (the GPU image has no embedded
+    model): a bad --data with the default model says so, not that the model is missing."""
+    from aqn_rs.experiments import model as model_mod
+
+    def missing():
+        raise ExperimentError("the embedded default model is missing")
+
+    monkeypatch.setattr(model_mod, "embedded_gguf", missing)
+    rc, _, err = _cli(["run", "1D", "--gpus", "0", "--data", "/nonexistent/gsm8k.jsonl"], capsys)
+    assert rc == 2 and err.strip() == "aqn-rs: error: data path /nonexistent/gsm8k.jsonl does not exist", err
+    rc, _, err = _cli(["run", "1D", "--gpus", "0"], capsys)
+    assert rc == 2 and err.strip() == "aqn-rs: error: the embedded default model is missing", err
+
+
 def test_missing_model_package_is_one_line(monkeypatch, capsys):
     from aqn_rs.experiments import model
 

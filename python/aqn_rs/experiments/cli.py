@@ -96,12 +96,23 @@ def prepare(args, extra_overrides: Optional[List[str]] = None, name: Optional[st
     # the verl engine needs a Ray cluster with vLLM that it cannot detect from here.
     engine = "local"
     gpus = resolve_gpus(args.gpus)
-    folder, gguf, model_desc = resolve_model(args.model)
     t = presets.effective_training(cfg, gpus > 0)
-    if args.data is not None:
-        data_mod.load_data(args.data, eval_size=int(t["eval_size"]))  # readable and well-formed
-    else:
-        data_mod.parse_mix((cfg.get("data") or {}).get("builtin_mix"))
+
+    def check_data() -> None:
+        if args.data is not None:
+            data_mod.load_data(args.data, eval_size=int(t["eval_size"]))  # readable and well-formed
+        else:
+            data_mod.parse_mix((cfg.get("data") or {}).get("builtin_mix"))
+
+    # A path the user named is checked before a default is looked up, so that the first error
+    # is about what was typed, whatever is installed: a data path given with the default model
+    # is read first.
+    data_first = args.data is not None and args.model in (None, "", "embedded")
+    if data_first:
+        check_data()
+    folder, gguf, model_desc = resolve_model(args.model)
+    if not data_first:
+        check_data()
     _check_engine_packages(gpus)
     run_name = name or args.name or cfg["name"]
     cfg["run"] = {
