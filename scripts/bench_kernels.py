@@ -7,7 +7,8 @@ and the 4096x14336 reference shape, each format / scale mode / dtype: median tim
 the torch.compile'd pure-torch reference (`aqn_rs.reference`), and to verl's and ModelOpt's
 Triton NVFP4 fake-quant kernels when importable. Also the Python-side overhead per call on a
 small tensor (host time per call less that of one checked launch through the binding with no
-glue or allocation, both timed in the run), and the targets of issue 3 with pass/fail.
+glue or allocation: `_aqn_rs.cuda_amax` of an empty tensor, both timed in the run), and the
+targets of issue 3 with pass/fail.
 
 Timing: `triton.testing.do_bench` (CUDA events, L2 flushed before every call, median).
 
@@ -156,8 +157,10 @@ def main():
     pp = probe.data_ptr()
     raw_stream = torch._C._cuda_getCurrentRawStream
     cases = {
+        # The amax of an empty tensor: context, stream and output checked, the one-warp
+        # finalize kernel launched, nothing else.
         "one checked launch through the binding (baseline: no glue, no allocation)":
-            lambda: rs.cuda_probe_launch(dev_i, raw_stream(dev_i), pp),
+            lambda: rs.cuda_amax("f32", dev_i, raw_stream(dev_i), 0, 0, 0, pp),
         "torch x.mul(1.0) (reference: one torch op)": lambda: xs.mul(1.0),
         "torch.empty_like(x) (allocation alone)": lambda: torch.empty_like(xs),
         "_cuda.fake_quant mxfp4": lambda: _cuda.fake_quant(xs, "mxfp4", "floor", None),
@@ -168,12 +171,12 @@ def main():
     }
     # The driver's own work per launch, timed in Rust around the driver calls alone: 200
     # launches of a one-warp kernel per round (below the launch queue's depth, so the host never
-    # waits for the GPU), best of 30 rounds, like the Python calls below.
-    st = torch._C._cuda_getCurrentRawStream(dev_i)
+    # waits for the GPU), best of 31 rounds.
+    st = raw_stream(dev_i)
     drv = [math.inf] * 4
     for _ in range(31):
         torch.cuda.synchronize()
-        drv = [min(a, b) for a, b in zip(drv, rs.cuda_probe_overhead(dev_i, st, probe.data_ptr(), 200))]
+        drv = [min(a, b) for a, b in zip(drv, rs.cuda_probe_overhead(dev_i, st, pp, 200))]
     torch.cuda.synchronize()
     launch_us = drv[3] / 1000
     say(f"Driver work per launch (ns): cuCtxGetCurrent {drv[0]:.0f}, stream check {drv[1]:.0f}, "

@@ -977,17 +977,6 @@ mod imp {
         l.launch(f, grid, VEC_THREADS, &a)
     }
 
-    /// One launch of a one-warp kernel writing 4 bytes at `ptr`, with the checks every op
-    /// makes (context, stream, one pointer): the baseline a Python-side overhead is measured
-    /// against (scripts/bench_kernels.py).
-    pub fn probe_launch(ordinal: i32, stream: u64, ptr: u64) -> Result<()> {
-        let l = Launch::new(ordinal, stream)?;
-        l.ptr("probe", ptr, 4, 4)?;
-        let mut a = KernelArgs::new(1, 0);
-        a.out = ptr;
-        l.launch(l.dev.amax_finalize, 1, 32, &a)
-    }
-
     pub fn probe_overhead(
         ordinal: i32,
         stream: u64,
@@ -1187,22 +1176,6 @@ fn cuda_probe_overhead(
     #[cfg(not(aqn_cuda))]
     {
         let _ = (device, stream, ptr, reps);
-        Ok(imp::not_built()?)
-    }
-}
-
-/// One checked launch of a one-warp kernel writing the f32 at `ptr` (device memory of
-/// `device`): what a call from Python costs with no glue, allocation or argument work, the
-/// baseline of the benchmark's Python-side overhead.
-#[pyfunction]
-fn cuda_probe_launch(device: i32, stream: u64, ptr: u64) -> PyResult<()> {
-    #[cfg(aqn_cuda)]
-    {
-        Ok(imp::probe_launch(device, stream, ptr)?)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        let _ = (device, stream, ptr);
         Ok(imp::not_built()?)
     }
 }
@@ -1409,7 +1382,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_set_tuning, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_probe_overhead, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_probe_launch, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_fake_quant, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_dequantize, m)?)?;
