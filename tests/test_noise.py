@@ -521,7 +521,11 @@ _DTENSOR_SCRIPT = textwrap.dedent(
         # one write per rank (atomic on a pipe): print's separate writes of the two ranks interleave
         sys.stdout.write(f"{rank} {'OK' if ok else 'MISMATCH'}" + chr(10))
         sys.stdout.flush()
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
         dist.destroy_process_group()
+        # The device mesh cache keeps the group alive into interpreter teardown, where gloo's
+        # threads can abort the process (seen under load); the result is written, so skip it.
+        os._exit(0)
 
     if __name__ == "__main__":
         torch.multiprocessing.spawn(main, args=(2, sys.argv[1]), nprocs=2)
