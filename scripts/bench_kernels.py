@@ -164,6 +164,8 @@ def main():
         "torch x.mul(1.0) (reference: one torch op)": lambda: xs.mul(1.0),
         "torch.empty_like(x) (allocation alone)": lambda: torch.empty_like(xs),
         "_cuda.fake_quant mxfp4": lambda: _cuda.fake_quant(xs, "mxfp4", "floor", None),
+        "_cuda.fake_quant mxfp4, attribute-reading path (torch < 2.10)":
+            lambda: _cuda._fake_quant_attrs(xs, "mxfp4", "floor", None),
         "_cuda.fake_quant nvfp4, amax tensor given": lambda: _cuda.fake_quant(xs, "nvfp4", "floor", amax_t),
         "_cuda.fake_quant nvfp4, amax computed (2 launches)": lambda: _cuda.fake_quant(xs, "nvfp4", "floor", None),
         "Mxfp4Quantizer().fake_quant (user API)": lambda: mxq.fake_quant(xs),
@@ -208,6 +210,8 @@ def main():
                 fn()
             times[name].append((time.perf_counter() - t0) / 200 * 1e6)
     torch.cuda.synchronize()
+    say(f"_cuda.fake_quant reads the tensors through torch's DLPack C exchange API: {_cuda._xapi}")
+    say()
     base_name = "one checked launch through the binding (baseline: no glue, no allocation)"
     say("| call | us per call, best round | median round | median of (call - baseline) per round |")
     say("|---|---|---|---|")

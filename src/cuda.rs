@@ -2,7 +2,9 @@
 //! `python/aqn_rs/_cuda.py` (which allocates every buffer with torch) and launches the
 //! kernels of `cuda/` on torch's current stream for the tensor's device. Nothing here
 //! synchronizes with the host, so the launches order with torch work and can be captured in
-//! a CUDA graph.
+//! a CUDA graph. `cuda_fake_quant_t`, the hot path, takes the tensors themselves and reads
+//! their pointers and torch's current stream through DLPack's C exchange API (`dlpack.rs`);
+//! the pointers it reads are checked like any other.
 //!
 //! - The driver is loaded at run time (cudarc `dynamic-loading`): the extension imports on a
 //!   machine without one, and `cudarc::driver::sys::is_culib_present()` is checked before any
@@ -1223,6 +1225,90 @@ fn cuda_fake_quant(
     }
 }
 
+/// Dtype of a DLPack dtype, if the kernels take it.
+fn dt_of(d: crate::dlpack::DLDataType) -> Option<Dt> {
+    use crate::dlpack::{DL_BFLOAT, DL_FLOAT};
+    match (d.code, d.bits, d.lanes) {
+        (DL_FLOAT, 32, 1) => Some(Dt::F32),
+        (DL_BFLOAT, 16, 1) => Some(Dt::Bf16),
+        (DL_FLOAT, 16, 1) => Some(Dt::F16),
+        _ => None,
+    }
+}
+
+/// `cuda_fake_quant` on tensors: reads x and out (a new tensor like x) through DLPack's C
+/// exchange API and launches on the framework's current stream, with no Python call.
+/// Returns False, launching nothing, when that API is not registered or x is not a
+/// contiguous CUDA tensor of a supported dtype with at least one dimension: the caller then
+/// takes its attribute-reading path, which raises the right error. The amax arguments are
+/// those of `cuda_fake_quant`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn cuda_fake_quant_t(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    fmt: &str,
+    mode: &str,
+    amax_ptr: u64,
+    amax_value: Option<f32>,
+    scratch: u64,
+) -> PyResult<bool> {
+    let Some(xv) = crate::dlpack::view(py, x) else {
+        return Ok(false);
+    };
+    let Some(dt) = dt_of(xv.dtype) else {
+        return Ok(false);
+    };
+    if xv.device.device_type != crate::dlpack::DL_CUDA || xv.ndim < 1 || !xv.contiguous {
+        return Ok(false);
+    }
+    let ov =
+        crate::dlpack::view(py, out).ok_or_else(|| PyValueError::new_err("out is not a tensor"))?;
+    if ov.device.device_type != crate::dlpack::DL_CUDA
+        || ov.device.device_id != xv.device.device_id
+        || dt_of(ov.dtype) != Some(dt)
+        || !ov.contiguous
+        || ov.numel != xv.numel
+    {
+        return Err(PyValueError::new_err(
+            "out must be a contiguous tensor of x's dtype, size and CUDA device",
+        ));
+    }
+    let Some(stream) = crate::dlpack::current_stream(py, xv.device.device_id) else {
+        return Ok(false);
+    };
+    let fmt = Fmt::parse(fmt)?;
+    let mode = mode_number(fmt, mode)?;
+    let amax = if fmt == Fmt::Nvfp4 {
+        Some(amax_source(amax_ptr, amax_value, scratch)?)
+    } else {
+        None
+    };
+    let rows = xv.numel.checked_div(xv.k).unwrap_or(0);
+    #[cfg(aqn_cuda)]
+    {
+        imp::fake_quant(
+            fmt,
+            mode,
+            dt,
+            xv.device.device_id,
+            stream,
+            xv.ptr,
+            ov.ptr,
+            rows,
+            xv.k,
+            amax,
+        )?;
+        Ok(true)
+    }
+    #[cfg(not(aqn_cuda))]
+    {
+        let _ = (mode, rows, stream, amax);
+        Ok(imp::not_built()?)
+    }
+}
+
 /// Quantize `rows * k` elements at `x` to packed codes (`rows * ceil(k/2)` bytes) and scale
 /// bytes (`rows * ceil(k/block)`); NVFP4 also writes the f32 global scale at `gs_out`.
 /// The amax arguments are those of `cuda_fake_quant`.
@@ -1383,6 +1469,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_set_tuning, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_probe_overhead, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_fake_quant, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_fake_quant_t, m)?)?;
+    m.add_function(wrap_pyfunction!(
+        crate::dlpack::dlpack_exchange_register,
+        m
+    )?)?;
     m.add_function(wrap_pyfunction!(cuda_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_amax, m)?)?;

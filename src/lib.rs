@@ -227,6 +227,7 @@ macro_rules! with_float_out {
 // After the macros above, which scan.rs uses too.
 mod aqn;
 mod cuda;
+mod dlpack;
 mod scan;
 
 fn parse_mode(s: &str) -> PyResult<ScaleMode> {

@@ -119,6 +119,26 @@ def test_argument_errors_need_no_gpu():
         _rs.cuda_fake_quant("nvfp4", "floor", "f32", 0, 0, 0, 0, 1, 32, 0, None, 0)
 
 
+def test_dlpack_exchange_path_declines_what_it_cannot_take():
+    """The hot path reads tensors through torch's DLPack C exchange API (torch >= 2.10). It
+    registers only a capsule of that name, and declines (False, nothing launched, no error
+    left set) anything that is not a CUDA tensor, so the checked path reports it."""
+    class Other:  # a capsule of another name where the API's should be
+        __dlpack_c_exchange_api__ = torch.utils.dlpack.to_dlpack(torch.zeros(2))
+
+    for obj in (None, 3, np.ndarray, Other):
+        assert _rs.dlpack_exchange_register(obj) is False
+    if getattr(torch.Tensor, "__dlpack_c_exchange_api__", None) is None:
+        pytest.skip(f"torch {torch.__version__} has no DLPack C exchange API (torch < 2.10)")
+    assert _rs.dlpack_exchange_register(torch.Tensor) is True
+    x = torch.randn(4, 64)
+    for obj in (x, [1.0, 2.0], np.zeros((4, 64), np.float32), torch.empty(4, 64, device="meta")):
+        assert _rs.cuda_fake_quant_t(obj, torch.empty_like(x), "mxfp4", "floor", 0, None, 0) is False
+    # The checked path still raises its message for such an input.
+    with pytest.raises(ValueError, match="CPU tensor"):
+        _cuda.fake_quant(x, "mxfp4", "floor", None)
+
+
 # ------------------------------------------------------------------------------------------
 # GPU: helpers.
 
@@ -366,6 +386,40 @@ def test_quantizer_api_dispatches_cuda_tensors():
             for dev in ("cuda", "cpu"):
                 with pytest.raises(err, match=msg):
                     q.fake_quant(bad.to(dev))
+
+
+@gpu
+def test_exchange_path_equals_attribute_path():
+    """fake_quant through the DLPack exchange API (what torch >= 2.10 runs) and through the
+    attribute-reading path (torch < 2.10, and the inputs the former declines) agree bit for
+    bit, on shapes of 1 to 3 dimensions, views at an offset, empty tensors and Parameters."""
+    if getattr(torch.Tensor, "__dlpack_c_exchange_api__", None) is not None:
+        assert _cuda._xapi, "torch has the exchange API but _cuda did not register it"
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(1 + 3 * 97, generator=g)
+    cases = [torch.randn(s, generator=g) for s in ((7,), (3, 33), (2, 3, 64), (0, 32), (4, 0))]
+    cases += [base[1:].view(3, 97), torch.nn.Parameter(torch.randn(8, 64, generator=g))]
+    amax_t = torch.tensor(2.5, device="cuda")
+    for dtype in DTYPES:
+        for c in cases:
+            x = c.detach().to(dtype).cuda() if not isinstance(c, torch.nn.Parameter) else torch.nn.Parameter(c.detach().to(dtype).cuda())
+            for fmt, mode, amax in (("mxfp4", "even", None), ("nvfp4", "floor", None), ("nvfp4", "floor", amax_t), ("nvfp4", "floor", 3.0)):
+                what = f"{fmt} {dtype} {tuple(x.shape)} {type(x).__name__}"
+                y = _cuda.fake_quant(x, fmt, mode, amax)
+                assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device and not y.requires_grad, what
+                assert_bits_equal(y, _cuda._fake_quant_attrs(x, fmt, mode, amax), what)
+    # A wrong `out` is an error, not a launch.
+    x = torch.randn(4, 64, device="cuda")
+    for out in (torch.empty(4, 63, device="cuda"), torch.empty(4, 64, device="cuda", dtype=torch.float16),
+                torch.empty(64, 4, device="cuda").t(), torch.empty(4, 64)):
+        with pytest.raises(ValueError, match="out must be"):
+            _rs.cuda_fake_quant_t(x, out, "mxfp4", "floor", 0, None, 0)
+    # Declined inputs take the checked path and its messages.
+    for bad, err, msg in ((x.double(), TypeError, "unsupported dtype"), (x.t(), ValueError, "contiguous"),
+                          (x[0, 0], ValueError, "0-d")):
+        assert _rs.cuda_fake_quant_t(bad, torch.empty_like(bad), "mxfp4", "floor", 0, None, 0) is False
+        with pytest.raises(err, match=msg):
+            _cuda.fake_quant(bad, "mxfp4", "floor", None)
 
 
 @gpu

@@ -24,10 +24,14 @@ _dtags: dict = {}
 _raw_stream = None  # torch._C._cuda_getCurrentRawStream(device_index) -> int
 _empty_like = None  # torch.empty_like
 _rs_fake_quant = _rs.cuda_fake_quant
+_rs_fake_quant_t = _rs.cuda_fake_quant_t
+# True once _init registered torch's DLPack C exchange API (torch >= 2.10) with the binding:
+# fake_quant then hands the tensors themselves to it, which reads them with no Python call.
+_xapi = False
 
 
 def _init() -> None:
-    global _raw_stream, _empty_like
+    global _raw_stream, _empty_like, _xapi
     import torch
 
     _empty_like = torch.empty_like
@@ -35,6 +39,7 @@ def _init() -> None:
         lambda d: torch.cuda.current_stream(d).cuda_stream
     )
     _dtags.update({torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"})
+    _xapi = bool(_rs.dlpack_exchange_register(torch.Tensor))  # False before torch 2.10
 
 
 def available() -> bool:
@@ -89,7 +94,7 @@ def _rows_k(shape) -> Tuple[int, int]:
     return rows, k
 
 
-def _amax_args(amax: Any, x: Any, dev: int):
+def _amax_args(amax: Any, x: Any):
     """(amax_ptr, amax_value, scratch, keepalive) for the NVFP4 amax source."""
     import torch
 
@@ -119,19 +124,34 @@ def fake_quant(x: Any, fmt: str, scale_mode: str, amax: Any = None):
     """Quantize-dequantize x ("mxfp4" with scale_mode, or "nvfp4" with an optional amax:
     None computes it on the device, a float or a 0-d tensor on any device is used as is).
     Returns a new tensor like x."""
-    # The hot path (this is the per-call overhead): _check inlined, no imports, each tensor
-    # attribute read once; the first call goes through _check, which sets up the module.
+    # The hot path (this is the per-call overhead): with torch's DLPack exchange API the
+    # binding reads x, out and the current stream itself; it declines (False) anything but a
+    # contiguous CUDA tensor of a supported dtype, which then takes the checked path below.
+    if _xapi:
+        out = _empty_like(x)
+        if fmt == "nvfp4":
+            ap, av, sp, _keep = _amax_args(amax, x)
+        else:
+            ap, av, sp = 0, None, 0
+        if _rs_fake_quant_t(x, out, fmt, scale_mode, ap, av, sp):
+            return out
+    return _fake_quant_attrs(x, fmt, scale_mode, amax)
+
+
+def _fake_quant_attrs(x: Any, fmt: str, scale_mode: str, amax: Any = None):
+    """fake_quant reading the tensor's attributes in Python (torch < 2.10, or an input the
+    exchange path declined: this raises the quantizers' messages for it)."""
     tag = _dtags.get(x.dtype)
     dev = x.get_device()
     if tag is None or dev < 0 or not x.is_contiguous():
-        tag, dev = _check(x)  # raises for a bad input
+        tag, dev = _check(x)  # raises for a bad input; the first call sets the module up
     try:
         k = x.size(-1)
     except IndexError:
         _rows_k(())  # a 0-d tensor: raises the quantizers' message
     out = _empty_like(x)
     if fmt == "nvfp4":
-        ap, av, sp, _keep = _amax_args(amax, x, dev)
+        ap, av, sp, _keep = _amax_args(amax, x)
     else:
         ap, av, sp = 0, None, 0
     _rs_fake_quant(
@@ -157,7 +177,7 @@ def quantize(x: Any, fmt: str, scale_mode: str, amax: Any = None):
     scales = torch.empty(lead + ((k + b - 1) // b,), dtype=torch.uint8, device=x.device)
     if fmt == "nvfp4":
         gs = torch.empty((), dtype=torch.float32, device=x.device)
-        ap, av, sp, _keep = _amax_args(amax, x, dev)
+        ap, av, sp, _keep = _amax_args(amax, x)
         gp = gs.data_ptr()
     else:
         gs, ap, av, sp, gp = None, 0, None, 0, 0
