@@ -421,14 +421,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
+    # One process: an in-memory store, so no TCP port is bound (two checks running at once,
+    # as the test suite does, would race for one). verl reads the rank variables.
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     if device.type == "cuda":
         torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
     have_verl = True
     try:
