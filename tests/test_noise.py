@@ -321,6 +321,31 @@ def test_weight_sync_between_applies_becomes_the_new_clean_weight():
         assert_bits_equal(model.get_submodule(name).weight.detach(), new)
 
 
+def test_partial_sync_is_told_apart_per_weight():
+    """Fingerprints are taken for all weights at once: a sync of some norms between two
+    applies makes exactly those the new clean weights; the others get their old clean weight
+    back. restore_ then leaves a weight synced after the last apply alone and restores the rest."""
+    model = _model(vllm=True, dtype=torch.float32)
+    clean = _snapshot(model)
+    aqn = AqnNoise(_sched(), apply_to="rollout", seed=4)
+    aqn.apply_(model, 30)
+    norms = [name for name, mod in model.named_modules() if type(mod).__name__ == "RMSNorm"]
+    synced = {name: torch.full_like(model.get_submodule(name).weight, 1.25 + i) for i, name in enumerate(norms[::2])}
+    for name, new in synced.items():
+        model.get_submodule(name).weight.data.copy_(new)
+    assert aqn.apply_(model, 31) == len(norms)
+    for name in norms:
+        w = model.get_submodule(name).weight
+        base = synced[name] if name in synced else clean[name + ".weight"]
+        assert_bits_equal(w.detach(), base + gaussian_noise(w.shape, 4, 31, name, aqn.sigma(31), dtype=w.dtype))
+    late = norms[1]
+    model.get_submodule(late).weight.data.fill_(3.0)
+    assert aqn.restore_(model) == len(norms) - 1
+    for name in norms:
+        want = torch.full_like(clean[name + ".weight"], 3.0) if name == late else synced.get(name, clean[name + ".weight"])
+        assert_bits_equal(model.get_submodule(name).weight.detach(), want)
+
+
 def test_restore_leaves_weights_synced_after_apply():
     model = _model(vllm=True)
     aqn = AqnNoise(_sched(), apply_to="rollout")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -349,15 +349,25 @@ def _channel_rms(w):
     return rms.to(torch.float32)
 
 
-def _fingerprint(w) -> Tuple[int, int]:
-    """Two int64 sums over the raw bits of a tensor (wrapping): equal for the same contents,
-    different, in practice always, once anyone else has written the tensor."""
+def _fingerprints(ws) -> List[Tuple[int, int]]:
+    """Per tensor, two int64 sums over its raw bits (wrapping): equal for the same contents,
+    different, in practice always, once anyone else has written the tensor. One host sync per
+    device for all of them (a rollout model has a hundred or more noised tensors)."""
     import torch
 
-    t = w.detach()
-    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    v = t.contiguous().view(ints).to(torch.int64).reshape(-1)
-    return tuple(torch.stack([v.sum(), (v * (v | 1)).sum()]).tolist())
+    by_device: Dict[Any, List[int]] = {}
+    sums = []
+    for i, w in enumerate(ws):
+        t = w.detach()
+        ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        v = t.contiguous().view(ints).to(torch.int64).reshape(-1)
+        sums.append(torch.stack([v.sum(), (v * (v | 1)).sum()]))
+        by_device.setdefault(t.device, []).append(i)
+    out: List[Tuple[int, int]] = [(0, 0)] * len(sums)
+    for idx in by_device.values():
+        for i, pair in zip(idx, torch.stack([sums[i] for i in idx]).tolist()):
+            out[i] = tuple(pair)
+    return out
 
 
 def _is_dtensor(w) -> bool:
@@ -667,17 +677,29 @@ class AqnNoise:
         sigma = self.sigma()
         count = 0
         with torch.no_grad():
-            for key, w in self._selected_weights(model):
-                entry = self._clean.get(key)
-                if entry is None or entry.param() is not w or _fingerprint(w) != entry.noisy_fp:
-                    entry = self._clean[key] = _CleanEntry(w, w.detach().clone())
-                else:
+            weights = list(self._selected_weights(model))
+            # Entries whose weight still holds what this object wrote last: put the clean
+            # weight back. Any other weight (new, replaced, or written since: a weight sync) is
+            # the new clean weight.
+            cached = [(key, w) for key, w in weights if self._is_cached(key, w)]
+            fps = _fingerprints([w for _, w in cached])
+            ours = {key for (key, _), fp in zip(cached, fps) if fp == self._clean[key].noisy_fp}
+            for key, w in weights:
+                if key in ours:
+                    entry = self._clean[key]
                     w.copy_(entry.clean)
+                else:
+                    entry = self._clean[key] = _CleanEntry(w, w.detach().clone())
                 if sigma > 0.0:
                     w.add_(self.noise_for(key, entry.clean))
                     count += 1
-                entry.noisy_fp = _fingerprint(w)
+            for (key, _), fp in zip(weights, _fingerprints([w for _, w in weights])):
+                self._clean[key].noisy_fp = fp
         return count
+
+    def _is_cached(self, key: str, w: Any) -> bool:
+        entry = self._clean.get(key)
+        return entry is not None and entry.param() is w and entry.noisy_fp is not None
 
     def restore_(self, model: Any = None) -> int:
         """Put back the clean weights cached by `apply_` (those of ``model`` only, if given)
@@ -688,16 +710,19 @@ class AqnNoise:
         mine = None if model is None else {id(w) for _, w in self._selected_weights(model)}
         count = 0
         with torch.no_grad():
+            todo = []
             for key, entry in list(self._clean.items()):
                 w = entry.param()
                 if w is None:
                     del self._clean[key]
-                    continue
-                if mine is not None and id(w) not in mine:
-                    continue
-                if entry.noisy_fp is not None and _fingerprint(w) == entry.noisy_fp:
+                elif mine is None or id(w) in mine:
+                    todo.append((key, entry, w))
+            noised = [(key, entry, w) for key, entry, w in todo if entry.noisy_fp is not None]
+            for (key, entry, w), fp in zip(noised, _fingerprints([w for _, _, w in noised])):
+                if fp == entry.noisy_fp:
                     w.copy_(entry.clean)
                     count += 1
+            for key, _, _ in todo:
                 del self._clean[key]
         return count
 
