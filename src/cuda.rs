@@ -1207,6 +1207,28 @@ fn cuda_fake_quant(
     let fmt = Fmt::parse(fmt)?;
     let mode = mode_number(fmt, mode)?;
     let dt = Dt::parse(dtype)?;
+    Ok(fake_quant_launch(
+        fmt, mode, dt, device, stream, x, out, rows, k, amax_ptr, amax_value, scratch,
+    )?)
+}
+
+/// The common tail of `cuda_fake_quant` and `cuda_fake_quant_t`: the NVFP4 amax source
+/// (checked after everything else), then the launch.
+#[allow(clippy::too_many_arguments)]
+fn fake_quant_launch(
+    fmt: Fmt,
+    mode: i32,
+    dt: Dt,
+    device: i32,
+    stream: u64,
+    x: u64,
+    out: u64,
+    rows: u64,
+    k: u64,
+    amax_ptr: u64,
+    amax_value: Option<f32>,
+    scratch: u64,
+) -> Result<()> {
     let amax = if fmt == Fmt::Nvfp4 {
         Some(amax_source(amax_ptr, amax_value, scratch)?)
     } else {
@@ -1214,14 +1236,12 @@ fn cuda_fake_quant(
     };
     #[cfg(aqn_cuda)]
     {
-        Ok(imp::fake_quant(
-            fmt, mode, dt, device, stream, x, out, rows, k, amax,
-        )?)
+        imp::fake_quant(fmt, mode, dt, device, stream, x, out, rows, k, amax)
     }
     #[cfg(not(aqn_cuda))]
     {
         let _ = (mode, dt, device, stream, x, out, rows, k, amax);
-        Ok(imp::not_built()?)
+        imp::not_built()
     }
 }
 
@@ -1280,33 +1300,22 @@ fn cuda_fake_quant_t(
     };
     let fmt = Fmt::parse(fmt)?;
     let mode = mode_number(fmt, mode)?;
-    let amax = if fmt == Fmt::Nvfp4 {
-        Some(amax_source(amax_ptr, amax_value, scratch)?)
-    } else {
-        None
-    };
     let rows = xv.numel.checked_div(xv.k).unwrap_or(0);
-    #[cfg(aqn_cuda)]
-    {
-        imp::fake_quant(
-            fmt,
-            mode,
-            dt,
-            xv.device.device_id,
-            stream,
-            xv.ptr,
-            ov.ptr,
-            rows,
-            xv.k,
-            amax,
-        )?;
-        Ok(true)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        let _ = (mode, rows, stream, amax);
-        Ok(imp::not_built()?)
-    }
+    fake_quant_launch(
+        fmt,
+        mode,
+        dt,
+        xv.device.device_id,
+        stream,
+        xv.ptr,
+        ov.ptr,
+        rows,
+        xv.k,
+        amax_ptr,
+        amax_value,
+        scratch,
+    )?;
+    Ok(true)
 }
 
 /// Quantize `rows * k` elements at `x` to packed codes (`rows * ceil(k/2)` bytes) and scale

@@ -94,6 +94,10 @@ def _rows_k(shape) -> Tuple[int, int]:
     return rows, k
 
 
+# _amax_args' answer where there is no amax (MXFP4).
+_NO_AMAX = (0, None, 0, None)
+
+
 def _amax_args(amax: Any, x: Any):
     """(amax_ptr, amax_value, scratch, keepalive) for the NVFP4 amax source."""
     import torch
@@ -129,10 +133,7 @@ def fake_quant(x: Any, fmt: str, scale_mode: str, amax: Any = None):
     # contiguous CUDA tensor of a supported dtype, which then takes the checked path below.
     if _xapi:
         out = _empty_like(x)
-        if fmt == "nvfp4":
-            ap, av, sp, _keep = _amax_args(amax, x)
-        else:
-            ap, av, sp = 0, None, 0
+        ap, av, sp, _keep = _amax_args(amax, x) if fmt == "nvfp4" else _NO_AMAX
         if _rs_fake_quant_t(x, out, fmt, scale_mode, ap, av, sp):
             return out
     return _fake_quant_attrs(x, fmt, scale_mode, amax)
@@ -150,10 +151,7 @@ def _fake_quant_attrs(x: Any, fmt: str, scale_mode: str, amax: Any = None):
     except IndexError:
         _rows_k(())  # a 0-d tensor: raises the quantizers' message
     out = _empty_like(x)
-    if fmt == "nvfp4":
-        ap, av, sp, _keep = _amax_args(amax, x)
-    else:
-        ap, av, sp = 0, None, 0
+    ap, av, sp, _keep = _amax_args(amax, x) if fmt == "nvfp4" else _NO_AMAX
     _rs_fake_quant(
         fmt, scale_mode, tag, dev, _raw_stream(dev), x.data_ptr(), out.data_ptr(),
         x.numel() // k if k else 0, k, ap, av, sp,
