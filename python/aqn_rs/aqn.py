@@ -628,7 +628,16 @@ class AqnNoise:
         key = (canonical_name(name), step, tuple(weight.shape), weight.dtype, str(weight.device))
         noise = self._noise_cache.get(key)
         if noise is None:
-            noise = self.noise_for(name, weight, step)
+            import torch
+
+            # The cached noise serves later forwards in any grad mode, so it must not be an
+            # inference tensor (one made under inference_mode cannot enter a training forward's
+            # autograd graph safely); leaving inference mode for its generation costs nothing.
+            if torch.is_inference_mode_enabled():
+                with torch.inference_mode(False):
+                    noise = self.noise_for(name, weight, step)
+            else:
+                noise = self.noise_for(name, weight, step)
             if weight.numel() <= self.noise_cache_max_numel:
                 if any(k[1] != step for k in self._noise_cache):
                     self._noise_cache.clear()

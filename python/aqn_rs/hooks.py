@@ -12,10 +12,16 @@
 * Backward is the straight-through estimator: the gradient of the fake-quantized weight is
   passed to the master weight unchanged (`ste="identity"`), or zeroed where the element was
   clipped at the top of the FP4 grid (`ste="clipped"`).
-* The weight's fake quant is cached per weight version (`data_ptr`, `_version`, shape, dtype),
-  so micro-batches between two optimizer steps reuse it; the optimizer's in-place update bumps
-  `_version` and invalidates it. Under FSDP (detected at install time) and under
+* The weight's fake quant is cached per weight version (`data_ptr`, `_version`, shape, dtype,
+  device), so micro-batches between two optimizer steps reuse it; the optimizer's in-place
+  update bumps `_version` and invalidates it. Under FSDP (detected at install time) and under
   `torch.compile` the cache is off.
+* A cached value serves every later forward, whatever its grad mode, so it is always made the
+  same way: detached, outside autograd and outside `inference_mode` (`_normal_tensor`). A value
+  made under `inference_mode` would be an inference tensor: a training forward that reused it
+  would get no gradient on the weight (autograd cannot record an op on it) or fail to save it
+  for backward. The gradient never goes through the cached value: `_STELink` returns it and
+  routes the output's gradient to the master weight (identity or clipped STE).
 * The op is a `torch.library` custom op (`torch.ops.aqn_rs.fake_quant`) with a fake
   implementation and an autograd formula, so `torch.compile(fullgraph=True)` traces it whole.
 """
@@ -25,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import weakref
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,27 +93,62 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(x, amax)
 
 
+@torch.library.custom_op("aqn_rs::clipped_ste_grad", mutates_args=())
+def clipped_ste_grad(grad: Tensor, x: Tensor, fmt: str, scale_mode: str, amax: Optional[Tensor] = None) -> Tensor:
+    """The clipped STE's gradient: `grad` where `|x|` is within its block's grid, else 0. An
+    opaque op of its own because the block scales come from the quantizer's kernels, which
+    `torch.compile`'s backward tracing (fake tensors) cannot enter."""
+    keep = x.abs() <= _block_top(x, fmt, scale_mode, amax)
+    return grad * keep.to(grad.dtype)
+
+
+@clipped_ste_grad.register_fake
+def _(grad, x, fmt, scale_mode, amax=None):
+    return torch.empty_like(grad)
+
+
 def _backward(ctx, grad):
     if ctx.ste == "identity":
         return grad, None, None, None, None
     x, amax = ctx.saved_tensors
-    keep = x.abs() <= _block_top(x, ctx.fmt, ctx.scale_mode, amax)
-    return grad * keep.to(grad.dtype), None, None, None, None
+    return torch.ops.aqn_rs.clipped_ste_grad(grad, x, ctx.fmt, ctx.scale_mode, amax), None, None, None, None
 
 
 torch.library.register_autograd("aqn_rs::fake_quant", _backward, setup_context=_setup_context)
 
 
 class _STELink(torch.autograd.Function):
-    """Returns the cached fake-quantized weight `q` while routing the gradient to `w`."""
+    """Returns the cached fake-quantized weight `q` while routing the gradient to `w`: unchanged
+    (`ste="identity"`) or zeroed where `w` was clipped at the top of its block's grid
+    (`"clipped"`; the mask is computed in backward from the saved `w`, so the forward reuses the
+    cache in both modes). The same gradient as `torch.ops.aqn_rs.fake_quant(w, ...)`'s."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, q: Tensor) -> Tensor:
+    def forward(ctx, w: Tensor, q: Tensor, fmt: str, scale_mode: str, ste: str, amax: Optional[Tensor]) -> Tensor:
+        ctx.ste = ste
+        if ste == "clipped":
+            ctx.fmt, ctx.scale_mode = fmt, scale_mode
+            ctx.save_for_backward(w, amax)
         return q.view_as(q)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad, None
+        if ctx.ste == "identity":
+            return grad, None, None, None, None, None
+        w, amax = ctx.saved_tensors
+        return torch.ops.aqn_rs.clipped_ste_grad(grad, w, ctx.fmt, ctx.scale_mode, amax), None, None, None, None, None
+
+
+def _normal_tensor(compute, *args) -> Tensor:
+    """`compute(*args)` outside autograd and, if it is on, outside `inference_mode`: a value
+    that is cached and served to later forwards must be a normal tensor (an inference tensor
+    handed to a training forward silently cuts the weight's gradient). Leaving inference mode
+    for one op costs nothing measurable; the inputs are the module's (normal) parameters."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            return compute(*args)
+    with torch.no_grad():
+        return compute(*args)
 
 
 def fake_quant(x: Tensor, quantizer: _Quantizer, ste: str = "identity", amax: Optional[Tensor] = None) -> Tensor:
@@ -143,7 +184,12 @@ class ModuleDecision:
 
 
 class _WeightCache:
-    """Detached fake-quantized weight per (data_ptr, _version, shape, dtype, device)."""
+    """Detached fake-quantized weight per (data_ptr, _version, shape, dtype, device, extra).
+
+    `extra` carries what else the value depends on (the fused group's amax version). The value
+    is computed by `_normal_tensor`, so one computed under `no_grad` or `inference_mode` serves
+    a training forward and the other way round. A weight that is itself an inference tensor
+    has no version counter: it is never cached."""
 
     __slots__ = ("key", "value", "hits", "misses")
 
@@ -154,9 +200,13 @@ class _WeightCache:
         self.misses = 0
 
     def get(self, w: Tensor, compute, extra: tuple = ()) -> Tensor:
+        if w.is_inference():
+            self.misses += 1
+            return compute(w.detach())
         key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, extra)
         if key != self.key:
-            self.value = compute(w.detach())
+            self.key, self.value = None, None  # a failed compute leaves no stale entry
+            self.value = _normal_tensor(compute, w.detach())
             self.key = key
             self.misses += 1
         else:
@@ -181,21 +231,28 @@ class _GroupAmax:
     def version(self) -> tuple:
         return tuple((m.weight.data_ptr(), m.weight._version) for m in self.modules)
 
+    def _amax(self) -> Tensor:
+        ws = [m.weight.detach() for m in self.modules]
+        if torch.compiler.is_compiling() or not ws[0].is_cuda:
+            return torch.stack([w.abs().amax().float() for w in ws]).amax()
+        # CUDA: one read-only amax kernel per member (abs().amax() would also write |w|),
+        # results stay on the device (no host sync)
+        q = Nvfp4Quantizer()
+        return torch.stack([q.amax(w.contiguous()) for w in ws]).amax()
+
     def compute(self) -> Tensor:
-        with torch.no_grad():
-            ws = [m.weight.detach() for m in self.modules]
-            if torch.compiler.is_compiling() or not ws[0].is_cuda:
-                return torch.stack([w.abs().amax().float() for w in ws]).amax()
-            # CUDA: one read-only amax kernel per member (abs().amax() would also write |w|),
-            # results stay on the device (no host sync)
-            q = Nvfp4Quantizer()
-            return torch.stack([q.amax(w.contiguous()) for w in ws]).amax()
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return self._amax()
+        # cached and saved for the clipped STE's backward: a normal tensor in every grad mode
+        return _normal_tensor(self._amax)
 
     def get(self) -> Tensor:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or any(m.weight.is_inference() for m in self.modules):
             return self.compute()
         key = self.version()
         if key != self.key:
+            self.key, self.value = None, None
             self.value, self.key = self.compute(), key
         return self.value
 
@@ -291,9 +348,7 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
             extra = group.key if group is not None else ()
             qw = cache.get(w, lambda wd: torch.ops.aqn_rs.fake_quant(wd, fmt, mode, ste, amax), extra)
             if torch.is_grad_enabled() and w.requires_grad:
-                if ste == "identity":
-                    return _STELink.apply(w, qw)
-                return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, amax)
+                return _STELink.apply(w, qw, fmt, mode, ste, amax)
             return qw
         return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, amax)
 
