@@ -1156,3 +1156,93 @@ def test_trainer_side_over_ray_with_verls_checkpoint_manager(tmp_path):
     r = subprocess.run([sys.executable, "-W", "ignore", str(script), tests], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0 and "RAY OK" in r.stdout, (r.stdout[-3000:] + r.stderr[-5000:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe: what a real run's vLLM holds, read back and checked (integrations/verl_probe.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _probe_run(monkeypatch, tmp_path, fmt, steps=(1, 2)):
+    """Two syncs of a trained-ish fp32 master through the plugin's own wrappers into a
+    vLLM-shaped model, with the step's AQN and a validation after each, probes on."""
+    from aqn_rs.integrations import verl_probe
+
+    monkeypatch.setenv(verl_probe.ENV_DIR, str(tmp_path))
+    quant = {"format": fmt}
+    noise = {**NOISE, "zero_first_stage": False}  # noise from step 0 on
+    model = hf_model(torch.float32)
+    actor = plugin.ActorState(model, cfg(quant, noise), torch.bfloat16)
+    monkeypatch.setattr(plugin, "_TRAINER", _trainer_state(noise, quant))
+    verl_probe.write_meta(plugin._TRAINER.cfg.forwarded())
+    vm = worker = None
+    methods = {"aqn_rs_apply": plugin._aqn_rs_apply, "aqn_rs_restore": plugin._aqn_rs_restore,
+               "aqn_rs_probe": plugin._aqn_rs_probe}
+    monkeypatch.setattr(plugin, "_rpc_sync", lambda replicas, method, kwargs: methods[method](worker, **kwargs))
+    manager = types.SimpleNamespace(replicas=["replica0"])
+    trainer = types.SimpleNamespace(checkpoint_manager=manager)
+    g = torch.Generator().manual_seed(5)
+    for step in steps:
+        actor.set_step(step)
+        synced = dict(actor.wrap_sync(iter(clean_state(model).items())))
+
+        def sync(self, global_steps=None, synced=synced):
+            nonlocal vm, worker
+            if vm is None:
+                vm = vllm_model(synced)
+                worker = FakeWorker(vm)
+            else:  # vLLM's load_weights: in place, into the same parameters
+                vm.load_state_dict(vllm_model(synced).state_dict())
+
+        plugin._wrap_manager_update_weights(sync)(manager, step)
+        plugin._wrap_validate(lambda self: {"val": 1.0})(trainer)
+        with torch.no_grad():  # an optimizer step on the masters
+            for p in model.parameters():
+                p.add_(1e-3 * torch.randn(p.shape, generator=g))
+    return verl_probe, model, vm
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_probe_checks_a_faithful_rollout_and_catches_a_wrong_one(monkeypatch, tmp_path, fmt):
+    verl_probe, _, _ = _probe_run(monkeypatch, tmp_path, fmt)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    for s in (1, 2):
+        for f in (f"actor-s{s}-in", f"actor-s{s}-out", f"rollout-s{s}-synced-w0", f"rollout-s{s}-noised-w0",
+                  f"rollout-v{s}-clean-w0"):
+            assert f"{f}.safetensors" in files
+    rep = verl_probe.check(str(tmp_path), "cpu")
+    assert rep["passed"], rep["failures"]
+    names = [c["check"] for c in rep["checks"]]
+    for needle in ("sync == reference fake_quant(actor)", "rollout weights == sync", "RMSNorm gains carry noise",
+                   "validation on clean weights", "masters moved", "actor masters unquantized",
+                   "every projection weight quantized"):
+        assert any(needle in n for n in names), needle
+    detail = {c["check"]: c["detail"] for c in rep["checks"]}
+    assert detail["s1 w0 rollout weights == sync"].startswith(f"{6 * LAYERS + 3} vLLM parameters")
+
+    # one element off in vLLM's fused qkv_proj after the sync: caught and named
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "rollout-s2-synced-w0.safetensors"
+    t = load_file(str(path))
+    t["model.layers.1.self_attn.qkv_proj.weight"][3, 5] += 1.0
+    save_file(t, str(path))
+    # noise from the wrong step on one gain: caught
+    path = tmp_path / "rollout-s1-noised-w0.safetensors"
+    t = load_file(str(path))
+    t["model.norm.weight"] = t["model.norm.weight"] + 0.01
+    save_file(t, str(path))
+    rep = verl_probe.check(str(tmp_path), "cpu")
+    assert not rep["passed"]
+    text = " ".join(rep["failures"])
+    assert "model.layers.1.self_attn.qkv_proj.weight" in text and "model.norm.weight" in text
+
+
+def test_probe_records_nothing_without_the_variable(monkeypatch, tmp_path):
+    from aqn_rs.integrations import verl_probe
+
+    monkeypatch.delenv(verl_probe.ENV_DIR, raising=False)
+    assert not verl_probe.probes(1)
+    monkeypatch.setenv(verl_probe.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv(verl_probe.ENV_STEPS, "1")
+    assert verl_probe.probes(0) and verl_probe.probes(1) and not verl_probe.probes(2) and not verl_probe.probes(None)

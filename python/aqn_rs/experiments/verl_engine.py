@@ -272,6 +272,10 @@ def overrides(cfg: Dict[str, Any], run_dir: str, gpus: int, data_dir: str, model
             ("actor_rollout_ref.model.external_lib", PLUGIN),
             ("+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES", PLUGIN),
         ]
+        # the read-back of the rollout's weights (integrations/verl_probe.py) in every process
+        for var in ("AQN_RS_PROBE_DIR", "AQN_RS_PROBE_STEPS"):
+            if os.environ.get(var):
+                items.append((f"+ray_kwargs.ray_init.runtime_env.env_vars.{var}", os.environ[var]))
         items += [(f"+trainer.quantization.{k}", v) for k, v in (quant or {}).items()]
         items += [(f"+trainer.noise_injection.{k}", v) for k, v in (noise or {}).items()]
     user = dict(_flatten(cfg.get("verl") or {}))

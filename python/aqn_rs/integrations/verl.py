@@ -486,9 +486,20 @@ class ActorState:
             g.key, g.value = None, None
 
     def wrap_sync(self, named_tensors: Iterable[Tuple[str, Any]]) -> Iterator[Tuple[str, Any]]:
-        """The weight-sync stream with the quantized Linear weights fake-quantized."""
-        return quant_sync(named_tensors, self.quantizer, self.quant_modules, groups=self.groups,
-                          param_dtype=self.param_dtype, on_done=self._sync_done)
+        """The weight-sync stream with the quantized Linear weights fake-quantized (recorded
+        for `verl_probe` when `AQN_RS_PROBE_DIR` is set)."""
+        from . import verl_probe
+
+        def quantize(stream):
+            return quant_sync(stream, self.quantizer, self.quant_modules, groups=self.groups,
+                              param_dtype=self.param_dtype, on_done=self._sync_done)
+
+        if not verl_probe.probes(self.step):
+            return quantize(named_tensors)
+        meta = {"quant_modules": self.quant_modules, "groups": sorted({g for g in self.groups.values()}),
+                "param_dtype": str(self.param_dtype).replace("torch.", ""), "format": self.quantizer.format,
+                "scale_mode": getattr(self.quantizer, "scale_mode", "floor"), "step": self.step}
+        return verl_probe.record_sync(named_tensors, self.step, quantize, meta)
 
     def _sync_done(self, stats: Dict[str, float]) -> None:
         stats["step"] = self.step
@@ -891,6 +902,9 @@ def _trainer_setup(trainer: Any) -> None:
         with open_dict(arr):
             arr[FORWARD_KEY] = cfg.forwarded()
     _TRAINER = TrainerState(cfg)
+    from . import verl_probe
+
+    verl_probe.write_meta(cfg.forwarded())
     logger.warning("aqn_rs: %s; AQN: %s; schedule over %d global steps", cfg.quantization, cfg.noise, cfg.total_steps)
 
 
@@ -943,20 +957,43 @@ def _after_sync_step(state: Optional[TrainerState], global_steps: Any) -> Option
     return int(global_steps)
 
 
+def _probe_tag(kind: str, args: tuple, kwargs: Dict[str, Any]) -> Optional[str]:
+    """The `verl_probe` record name of the replicas' state after a sync (`kind` synced /
+    noised) of a probed step, or None."""
+    from . import verl_probe
+
+    gs = _arg(args, kwargs, 0, "global_steps")
+    if _TRAINER is None or _TRAINER.validating or not verl_probe.probes(gs):
+        return None
+    return f"s{int(gs)}-{kind}"
+
+
 async def _noise_replicas_async(replicas: Iterable[Any], args: tuple, kwargs: Dict[str, Any]) -> None:
     """After `update_weights(global_steps)`: the replicas get that step's noise (async RPC)."""
+    tag = _probe_tag("synced", args, kwargs)
+    if tag:
+        await _rpc_async(replicas, "aqn_rs_probe", {"tag": tag})
     step = _after_sync_step(_TRAINER, _arg(args, kwargs, 0, "global_steps"))
     if step is not None:
         await _rpc_async(replicas, "aqn_rs_apply", _TRAINER.rpc_kwargs(step))
         _TRAINER.applied_step = step
+        tag = _probe_tag("noised", args, kwargs)
+        if tag:
+            await _rpc_async(replicas, "aqn_rs_probe", {"tag": tag})
 
 
 def _noise_replicas_sync(replicas: Iterable[Any], args: tuple, kwargs: Dict[str, Any]) -> None:
     """`_noise_replicas_async` for a synchronous `update_weights`."""
+    tag = _probe_tag("synced", args, kwargs)
+    if tag:
+        _rpc_sync(replicas, "aqn_rs_probe", {"tag": tag})
     step = _after_sync_step(_TRAINER, _arg(args, kwargs, 0, "global_steps"))
     if step is not None:
         _rpc_sync(replicas, "aqn_rs_apply", _TRAINER.rpc_kwargs(step))
         _TRAINER.applied_step = step
+        tag = _probe_tag("noised", args, kwargs)
+        if tag:
+            _rpc_sync(replicas, "aqn_rs_probe", {"tag": tag})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1160,6 +1197,10 @@ def _wrap_validate(orig: Callable) -> Callable:
         st.validating = True
         try:
             _rpc_sync(replicas, "aqn_rs_restore", {})
+            from . import verl_probe
+
+            if st.applied_step is not None and verl_probe.probes(st.applied_step):
+                _rpc_sync(replicas, "aqn_rs_probe", {"tag": f"v{st.applied_step}-clean"})
             return orig(self, *args, **kwargs)
         finally:
             st.validating = False
@@ -1204,9 +1245,17 @@ def _aqn_rs_restore(self) -> int:
     return vllm_worker_restore(self)
 
 
+def _aqn_rs_probe(self, tag: str) -> int:
+    from . import verl_probe
+
+    with _VLLM_LOCK:
+        return verl_probe.worker_dump(self, tag, _worker_models(self))
+
+
 def _add_worker_methods(cls: type) -> None:
     cls.aqn_rs_apply = _aqn_rs_apply
     cls.aqn_rs_restore = _aqn_rs_restore
+    cls.aqn_rs_probe = _aqn_rs_probe
 
 
 # ---------------------------------------------------------------------------------------------
