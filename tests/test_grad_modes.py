@@ -112,8 +112,9 @@ def tiny(seed: int = 0, device: str = "cpu") -> Tiny:
 
 
 def _ref_block_top(w: torch.Tensor, fmt: str, mode: str, amax) -> torch.Tensor:
-    """6 x the decoded block scale per element, from the reference's own quantize."""
-    x = w.detach()
+    """6 x the decoded block scale per element, from the reference's own quantize (on the CPU,
+    see `_RefSTE`)."""
+    x = w.detach().cpu()
     if fmt == "mxfp4":
         _, s = ref.mxfp4_quantize(x, mode)
         d = ref.e8m0_decode(s)
@@ -122,7 +123,7 @@ def _ref_block_top(w: torch.Tensor, fmt: str, mode: str, amax) -> torch.Tensor:
         _, s, gs = ref.nvfp4_quantize(x, amax)
         d = ref.e4m3_decode(s) / gs
         block = ref.NV_BLOCK
-    return (6.0 * d).repeat_interleave(block, dim=-1)[..., : x.shape[-1]]
+    return (6.0 * d).repeat_interleave(block, dim=-1)[..., : x.shape[-1]].to(w.device)
 
 
 class _RefSTE(torch.autograd.Function):
@@ -132,8 +133,12 @@ class _RefSTE(torch.autograd.Function):
         if ste == "clipped":
             ctx.fmt, ctx.mode, ctx.amax = fmt, mode, amax
             ctx.save_for_backward(w)
-        x = w.detach()
-        return ref.mxfp4_fake_quant(x, mode) if fmt == "mxfp4" else ref.nvfp4_fake_quant(x, amax)
+        # The reference runs on the CPU whatever the weight's device: on CUDA, torch computes
+        # `tensor / scalar` as a multiplication by the reciprocal, which is not IEEE division,
+        # so the pure-torch reference is bit-exact only on the CPU.
+        x = w.detach().cpu()
+        q = ref.mxfp4_fake_quant(x, mode) if fmt == "mxfp4" else ref.nvfp4_fake_quant(x, amax)
+        return q.to(w.device)
 
     @staticmethod
     def backward(ctx, grad):

@@ -178,7 +178,8 @@ def _hf_members(vllm_name: str) -> Optional[List[str]]:
 def _reference_fake_quant(actor: Dict[str, Any], sent_in: Dict[str, Any], device: str) -> Dict[str, Any]:
     """The pure-torch reference's fake quant of every quantized Linear weight of the stream
     (the modules and fused groups the actor recorded), from the actor's weights cast to its
-    compute dtype."""
+    compute dtype. On the CPU: on CUDA, torch computes `tensor / scalar` as a multiplication
+    by the reciprocal (not IEEE division), so the reference is bit-exact only there."""
     import torch
 
     from .. import reference as ref
@@ -206,7 +207,7 @@ def check(dir_: str, device: Optional[str] = None) -> Dict[str, Any]:
     import torch
 
     d = pathlib.Path(dir_)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or "cpu"
     meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
     actor = json.loads((d / "actor-meta.json").read_text()) if (d / "actor-meta.json").exists() else None
     quant = actor if actor and actor.get("quant_modules") else None
@@ -336,7 +337,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m aqn_rs.integrations.verl_probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", default="cpu", help="where the reference runs (cpu: bit-exact)")
     args = ap.parse_args(argv)
     rep = check(args.dir, args.device)
     for c in rep["checks"]:
