@@ -1,7 +1,7 @@
 """Read back what a real verl run put into vLLM, and check it against the actor, bit for bit.
 
 With `AQN_RS_PROBE_DIR=/path` in the environment of every verl process (`aqn-rs run --engine
-verl --probe DIR` sets it through Ray's runtime env), the plugin records, for the weight syncs
+verl` passes it, and `AQN_RS_PROBE_STEPS`, from its own environment through Ray's runtime env), the plugin records, for the weight syncs
 of the global steps up to `AQN_RS_PROBE_STEPS` (default 2):
 
 * actor rank 0, `actor-s{S}-in.safetensors`: the weight-sync stream as the actor's FSDP engine
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 ENV_DIR = "AQN_RS_PROBE_DIR"
 ENV_STEPS = "AQN_RS_PROBE_STEPS"
-VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def probe_dir() -> Optional[pathlib.Path]:
@@ -167,6 +166,8 @@ def _bits_equal(a, b) -> bool:
 
 
 def _hf_members(vllm_name: str) -> Optional[List[str]]:
+    from .verl import VLLM_FUSED
+
     mod, _, leaf = vllm_name.rpartition(".")  # "...self_attn.qkv_proj", "weight"
     parent, _, fused = mod.rpartition(".")
     members = VLLM_FUSED.get(fused)
