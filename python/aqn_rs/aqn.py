@@ -633,10 +633,7 @@ class AqnNoise:
             # The cached noise serves later forwards in any grad mode, so it must not be an
             # inference tensor (one made under inference_mode cannot enter a training forward's
             # autograd graph safely); leaving inference mode for its generation costs nothing.
-            if torch.is_inference_mode_enabled():
-                with torch.inference_mode(False):
-                    noise = self.noise_for(name, weight, step)
-            else:
+            with torch.inference_mode(False):
                 noise = self.noise_for(name, weight, step)
             if weight.numel() <= self.noise_cache_max_numel:
                 if any(k[1] != step for k in self._noise_cache):

@@ -144,10 +144,7 @@ def _normal_tensor(compute, *args) -> Tensor:
     that is cached and served to later forwards must be a normal tensor (an inference tensor
     handed to a training forward silently cuts the weight's gradient). Leaving inference mode
     for one op costs nothing measurable; the inputs are the module's (normal) parameters."""
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False), torch.no_grad():
-            return compute(*args)
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
         return compute(*args)
 
 
