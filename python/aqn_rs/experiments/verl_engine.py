@@ -279,6 +279,11 @@ def overrides(cfg: Dict[str, Any], run_dir: str, gpus: int, data_dir: str, model
         items += [(f"+trainer.quantization.{k}", v) for k, v in (quant or {}).items()]
         items += [(f"+trainer.noise_injection.{k}", v) for k, v in (noise or {}).items()]
     user = dict(_flatten(cfg.get("verl") or {}))
+    if not has_flash_attn():
+        # verl's remove-padding path calls flash-attn's varlen kernels; without the package the
+        # actor would fail at its first forward. sdpa on padded batches computes the same loss.
+        items = [(k, False if k == "actor_rollout_ref.model.use_remove_padding" else v) for k, v in items]
+        items.append(("+actor_rollout_ref.model.override_config.attn_implementation", "sdpa"))
     index = {k.lstrip("+"): i for i, (k, _) in enumerate(items)}
     for k, v in user.items():
         i = index.get(k.lstrip("+"))
@@ -364,9 +369,19 @@ def finish_run(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+# import name -> pip name. transfer_queue: verl 0.9.1's default trainer (trainer.use_v1, TaskRunnerV1)
+# imports it, and verl's [vllm] extra does not bring it.
+RUN_PACKAGES = {"verl": "verl", "vllm": "vllm", "ray": "ray", "transfer_queue": "TransferQueue"}
+
+
 def missing_packages() -> List[str]:
-    """What a real (not --dry-run) verl run needs and this Python lacks."""
-    return [p for p in ("verl", "vllm", "ray") if importlib.util.find_spec(p) is None]
+    """What a real (not --dry-run) verl run needs and this Python lacks (pip names)."""
+    return [pip for mod, pip in RUN_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+
+
+def has_flash_attn() -> bool:
+    """Whether verl's remove-padding path (flash-attn's varlen kernels) can run here."""
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _gpus(text: Any, dry_run: bool) -> Tuple[int, str]:
@@ -422,8 +437,9 @@ def describe(cfg: Dict[str, Any]) -> str:
 
     q, n = preset_describe(cfg)
     r = cfg["run"]
+    attn = "" if has_flash_attn() else " (no flash-attn here: sdpa, use_remove_padding=false)"
     return (f"preset {r['preset']} -> {r['output']}\n"
-            f"  quantization: {q}; AQN: {n}\n"
+            f"  quantization: {q}; AQN: {n}{attn}\n"
             f"  engine verl, {r['gpu_description']}, model: {r['model']}, data: {r['data']}\n"
             f"  command:\n{shlex.join(r['command'])}")
 
@@ -435,7 +451,7 @@ def execute(cfg: Dict[str, Any], data: Optional[str]) -> Dict[str, Any]:
     missing = missing_packages()
     if missing:
         raise ExperimentError(f"the verl engine needs {', '.join(missing)} in this Python: pip install "
-                              "verl[vllm] (docs/VERL.md lists the versions checked)")
+                              f"{' '.join(missing)} (docs/VERL.md lists the versions checked)")
     run_dir = pathlib.Path(cfg["run"]["output"])
     run_dir.mkdir(parents=True, exist_ok=True)
     for f in ("metrics.jsonl", "summary.json", "curves.png", "verl_metrics.jsonl"):
