@@ -4,16 +4,16 @@
 # /work/shared/VLLM_ON_DEVICE.md. Stages, in this order:
 #
 #   here (CPU, network):   bash scripts/verl_stack.sh prepare
-#       -> .whl/stack1 .. .whl/stackK: one .tgz (slimmed vllm and ray trees, the wheels verl,
+#       -> .whl/stack1 .. .whl/stackK: one .tar.xz (slimmed vllm and ray trees, the wheels verl,
 #          vLLM's server and TransferQueue import, transformers 5.9.0 + tokenizers 0.22.2, the
 #          aqn_rs wheel, the embedded SmolLM2-135M GGUF and the GSM8K jsonl) split into parts of
 #          at most PART_BYTES (60 MB: a part plus the tree stays under the 64 MiB carry limit),
-#          each with a MANIFEST (sha256 of the whole .tgz and of the part, number of parts).
+#          each with a MANIFEST (sha256 of the whole .tar.xz and of the part, number of parts).
 #          LEAN=1 leaves out pyarrow and pandas (the image has them; datasets needs pyarrow>=24).
 #   GPU, one call per part, back to back (files outside the repo survive only while warm):
 #          carry [".whl/stackK"]:  bash scripts/verl_stack.sh stash .whl/stackK
 #       each call checks its part's sha256 and says which parts are still missing; the call that
-#       brings the last one joins them, checks the .tgz's sha256, untars, installs the wheels into
+#       brings the last one joins them, checks the .tar.xz's sha256, untars, installs the wheels into
 #       $STASH/site (pip --no-index --no-deps --no-compile --target), copies the vllm and ray
 #       trees there, converts the GGUF to a safetensors folder ($STASH/model_path names it),
 #       writes the GSM8K subset $STASH/data/gsm8k-small (TRAIN_N=512 / TEST_N=64 records) and
@@ -48,7 +48,9 @@ PART_BYTES=${PART_BYTES:-60000000}
 CARRY_LIMIT=67108864   # 64 MiB: the working tree plus one part
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GSM8K_SRC=${GSM8K:-/work/shared/data/gsm8k}
-TARNAME=stack.tgz
+# xz, not gzip: the CUDA fatbins in vLLM's .so files shrink ~5x more (FA3: 146 MB -> 8 MB
+# with xz -9, 38 MB with gzip -6), which takes the bundle from 7 carries to 3.
+TARNAME=stack.tar.xz
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
   --platform manylinux_2_31_x86_64 --platform any"
 # Installed as trees (unzipped and slimmed here, copied into site there): vllm and ray.
@@ -76,7 +78,8 @@ CORE_WHEELS="gguf==0.19.0 xxhash==4.1.0 fsspec==2026.9.0 tzdata==2026.6 psutil==
 BIG_CORE_WHEELS="pyarrow==26.0.1 pandas==3.1.1"
 SDISTS="antlr4-python3-runtime==4.9.3"   # no wheel on PyPI: built here with pip wheel (pure Python)
 # The slimming VLLM_ON_DEVICE.md verified (vLLM only warns about the missing MoE module).
-VLLM_DROP="vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.so"
+# vllm-rs is the Rust HTTP frontend, started only with VLLM_USE_RUST_FRONTEND=1 (vllm/envs.py).
+VLLM_DROP="vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.so vllm/vllm-rs"
 # Ray's Java worker jar (34 MB; services.py starts Java workers only if java and the jars exist)
 # and the dashboard's JavaScript source map (no dashboard here).
 RAY_DROP="ray/jars"
@@ -210,7 +213,7 @@ PYEOF
         (cd "$st/b/wheels" && ls -1)
     } > "$st/b/CONTENTS"
     echo "== packing"
-    tar -C "$st/b" -cf - . | gzip -6 > ".whl/$TARNAME"
+    tar -C "$st/b" -cf - . | xz -T2 -9 > ".whl/$TARNAME"
     local sha total n k
     sha=$(sha256sum ".whl/$TARNAME" | cut -d' ' -f1)
     total=$(stat -c %s ".whl/$TARNAME")
@@ -289,7 +292,8 @@ install_stash() {
     [ "$(sha256sum "$STASH/$TARNAME" | cut -d' ' -f1)" = "$sha" ] || die "$TARNAME sha256 mismatch after joining the parts"
     echo "== $TARNAME joined, sha256 ok"
     rm -rf "$u" "$SITE" && mkdir -p "$u"
-    tar -xzf "$STASH/$TARNAME" -C "$u"
+    # Python's lzma: the image need not have the xz tool; fully_trusted keeps the exec bits.
+    "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2], filter='fully_trusted')" "$STASH/$TARNAME" "$u"
     rm -f "$STASH/$TARNAME"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$u"/wheels/*.whl
     cp -a "$u/trees/." "$SITE/"
@@ -311,20 +315,13 @@ install_stash() {
     # Convert the GGUF once (later runs load the cached safetensors folder).
     local m
     m=$("$PY" -c "from aqn_rs.experiments.model import converted_folder; import sys; print(converted_folder('$STASH', '$GGUF_NAME', log=lambda s: print(s, file=sys.stderr)))")
-    # transformers 5.9.0 (verl's pin) reads the GGUF's eos as <|im_start|> (5.24 reads <|im_end|>,
-    # the config's eos_token_id 2): give the tokenizer the config's eos, as pad too.
+    # converted_folder takes eos from the config (transformers 5.9.0 reads the GGUF's as <|im_start|>)
     "$PY" - "$m" <<'PYEOF'
 import sys
 from transformers import AutoConfig, AutoTokenizer
-m = sys.argv[1]
-cfg, tok = AutoConfig.from_pretrained(m), AutoTokenizer.from_pretrained(m)
-eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
-want = tok.convert_ids_to_tokens(eos)
-if tok.eos_token != want or tok.pad_token != want:
-    print(f"== tokenizer eos/pad {tok.eos_token!r}/{tok.pad_token!r} -> {want!r} (config eos_token_id {eos})")
-    tok.eos_token = tok.pad_token = want
-    tok.save_pretrained(m)
-print(f"== tokenizer: eos {tok.eos_token!r} ({tok.eos_token_id}), pad {tok.pad_token!r}, chat template {bool(tok.chat_template)}")
+cfg, tok = AutoConfig.from_pretrained(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[1])
+print(f"== tokenizer: eos {tok.eos_token!r} ({tok.eos_token_id}; config {cfg.eos_token_id}), pad {tok.pad_token!r}, "
+      f"chat template {bool(tok.chat_template)}")
 PYEOF
     echo "$m" > "$STASH/model_path"
     echo "== model folder: $m"
