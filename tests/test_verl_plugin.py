@@ -665,6 +665,7 @@ def test_manager_update_weights_applies_step_noise_then_validation_is_clean(monk
     worker = FakeWorker(vm)
     rec = _Recorder([worker])
     monkeypatch.setattr(plugin, "_rpc_sync", rec)
+    monkeypatch.setattr(plugin, "_clear_prefix_cache_sync", lambda replicas: rec.calls.append(("clear_kv_cache", {})))
     monkeypatch.setattr(plugin, "_TRAINER", _trainer_state())
     manager = types.SimpleNamespace(replicas=["replica0"])
     update = plugin._wrap_manager_update_weights(lambda self, global_steps=None: {"synced": global_steps})
@@ -684,7 +685,10 @@ def test_manager_update_weights_applies_step_noise_then_validation_is_clean(monk
     trainer = types.SimpleNamespace(checkpoint_manager=manager)
     assert validate(trainer) == {"val": 1.0}
     assert torch.equal(seen["norm"], clean["model.norm.weight"])  # clean during validation
-    assert [c[0] for c in rec.calls] == ["aqn_rs_apply", "aqn_rs_restore", "aqn_rs_apply"]
+    # the prefix cache is dropped after each gain swap: blocks computed on noisy gains are not
+    # reused by validation, nor clean ones by the next rollout
+    assert [c[0] for c in rec.calls] == ["aqn_rs_apply", "aqn_rs_restore", "clear_kv_cache", "aqn_rs_apply",
+                                         "clear_kv_cache"]
     assert torch.equal(vm.model.norm.weight, noisy["model.norm.weight"])  # step 50's noise back
 
 
@@ -736,6 +740,11 @@ def test_tracking_log_adds_aqn_and_quant_metrics(monkeypatch):
 def test_rpc_error_names_the_missing_env_var():
     e = plugin._rpc_error("aqn_rs_apply", AttributeError("'Worker' object has no attribute 'aqn_rs_apply'"))
     assert "VERL_USE_EXTERNAL_MODULES=aqn_rs.integrations.verl" in str(e)
+    # vLLM 0.24's collective_rpc on a worker without the method (vllm/v1/serial_utils.py)
+    e = plugin._rpc_error("aqn_rs_apply", RuntimeError("Method aqn_rs_apply is not implemented."))
+    assert "VERL_USE_EXTERNAL_MODULES=aqn_rs.integrations.verl" in str(e)
+    e = plugin._rpc_error("aqn_rs_apply", RuntimeError("CUDA error: out of memory"))
+    assert "VERL_USE_EXTERNAL_MODULES" not in str(e) and "out of memory" in str(e)
 
 
 @needs_omegaconf
@@ -1126,6 +1135,12 @@ class Server:
     def norm(self):
         return self.model.model.norm.weight.detach().clone()
 
+    def clear_kv_cache(self):  # vLLMHttpServer.clear_kv_cache: the prefix cache
+        self.cleared = getattr(self, "cleared", 0) + 1
+
+    def n_cleared(self):
+        return getattr(self, "cleared", 0)
+
 
 class ActorWG:  # the naive path: ray.get(actor_wg.update_weights(...))
     def update_weights(self, global_steps=None, mode=None):
@@ -1169,6 +1184,7 @@ trainer = types.SimpleNamespace(checkpoint_manager=mgr)
 assert plugin._wrap_validate(validate)(trainer) == {"val": 1}
 assert torch.equal(seen["norm"], clean), "clean during validation"
 assert torch.equal(ray.get(servers[0].norm.remote()), want(41)), "noise back after validation"
+assert ray.get([s.n_cleared.remote() for s in servers]) == [2, 2], "prefix cache dropped after each swap"
 ray.shutdown()
 print("RAY OK")
 '''

@@ -922,7 +922,8 @@ def _replica_handles(replicas: Iterable[Any]) -> List[Any]:
 
 def _rpc_error(method: str, e: BaseException) -> VerlPluginError:
     text = str(e)
-    if method in text and ("attribute" in text or "not found" in text.lower()):
+    # vLLM 0.24's collective_rpc says "Method ... is not implemented." (serial_utils.py)
+    if method in text and ("attribute" in text or "not found" in text.lower() or "not implemented" in text):
         return VerlPluginError(
             f"the vLLM workers have no {method}: they did not import {PLUGIN}. Pass "
             f"+ray_kwargs.ray_init.runtime_env.env_vars.{ENV_MODULES}={PLUGIN} so every verl "
@@ -947,6 +948,24 @@ def _rpc_sync(replicas: Iterable[Any], method: str, kwargs: Dict[str, Any]) -> N
         ray.get(refs)
     except Exception as e:
         raise _rpc_error(method, e) from e
+
+
+def _clear_prefix_cache_sync(replicas: Iterable[Any]) -> None:
+    """Drop the servers' cached KV blocks (vLLMHttpServer.clear_kv_cache: the prefix cache).
+
+    vLLM's prefix cache keys blocks by token ids only, so blocks computed on noisy gains would
+    be reused by a validation prompt with the same chat-template prefix on clean weights, and
+    the other way round after it. verl resets the cache when it wakes the engine or loads new
+    weights; the plugin swaps gains without either, so it resets the cache itself."""
+    handles = [h for h in _replica_handles(replicas) if hasattr(h, "clear_kv_cache")]
+    if not handles:
+        return
+    import ray
+
+    try:
+        ray.get([h.clear_kv_cache.remote() for h in handles])
+    except Exception as e:
+        raise _rpc_error("clear_kv_cache", e) from e
 
 
 def _after_sync_step(state: Optional[TrainerState], global_steps: Any) -> Optional[int]:
@@ -1197,6 +1216,7 @@ def _wrap_validate(orig: Callable) -> Callable:
         st.validating = True
         try:
             _rpc_sync(replicas, "aqn_rs_restore", {})
+            _clear_prefix_cache_sync(replicas)
             from . import verl_probe
 
             if st.applied_step is not None and verl_probe.probes(st.applied_step):
@@ -1206,6 +1226,7 @@ def _wrap_validate(orig: Callable) -> Callable:
             st.validating = False
             if st.applied_step is not None:
                 _rpc_sync(replicas, "aqn_rs_apply", st.rpc_kwargs(st.applied_step))
+                _clear_prefix_cache_sync(replicas)
 
     return _validate
 
