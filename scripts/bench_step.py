@@ -1,13 +1,27 @@
 #!/usr/bin/env python3
 """Training-step time (forward + backward + optimizer step) of a random-init Llama-style
-model: no quantization vs W4A16 MXFP4 / NVFP4 (aqn_rs.quantize_model) vs W4A16 + AQN on
-RMSNorm weights, in one run, with the ratio to the unquantized step. The issue's goal: <= 3%
-overhead for W4A16 on a ~1B-parameter model on an H100.
+model: no quantization vs W4A16 MXFP4 / NVFP4 (aqn_rs.quantize_model) vs W4A16 NVFP4 + AQN on
+RMSNorm weights vs verl 0.9.1's own W4A16 NVFP4 `QATLinear`, on one model and batch, with the
+overhead over the unquantized step. The issue's goal: <= 3% overhead for W4A16 on a
+~1B-parameter model on an H100.
+
+Each round measures, for each micro-batch count (`--micro`: the batch split into N
+micro-batches, gradients accumulated, one optimizer step per step), the unquantized step
+("none", in --dtype), every quantized variant, then the unquantized step again; a variant's
+overhead is its median ms/step over the mean of the two unquantized medians of its round.
+The summary is the median over rounds.
+
+verl's peer: verl's `apply_qat` (every Linear but lm_head, mode w4a16, group 16) and
+`enable_qat_fuse`, as its FSDP engine applies them, and `invalidate_all_scales` after every
+optimizer step, as that engine does. From an installed verl if it imports, else from verl's
+files read out of its wheel (AQN_RS_VERL_WHEEL, .ci-wheels/ or /tmp/verlwhl; `pip download
+--no-deps verl==0.9.1 -d .ci-wheels`) into .peers/verl_qat/ (carry .ci-wheels or .peers to
+the GPU machine). Its fake quant is a Triton kernel: on CPU the column says why it is skipped.
 
 Usage (GPU): python scripts/bench_step.py [--layers 16 --hidden 2048 --inter 5632]
-             [--batch 8 --seq 1024] [--steps 10]
+             [--batch 8 --seq 1024] [--steps 10] [--micro 1 4] [--rounds 3] [--json out.json]
 CPU smoke run: python scripts/bench_step.py --device cpu --layers 2 --hidden 128 --inter 256
-             --vocab 512 --batch 2 --seq 32 --steps 2 --dtype float32
+             --vocab 512 --batch 4 --seq 32 --steps 2 --dtype float32
 """
 
 from __future__ import annotations
@@ -15,12 +29,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import pathlib
 import statistics
+import sys
 import time
+import zipfile
 
 import torch
 
 import aqn_rs
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+VERL_DIR = REPO / ".peers" / "verl_qat"  # .peers/ as in scripts/bench_kernels.py
+# verl's files that apply_qat / QATLinear / invalidate_all_scales need; the package
+# __init__s are left empty (verl's import ray, vLLM patches, ...).
+VERL_FILES = ("verl/base_config.py", "verl/utils/qat/core.py", "verl/utils/qat/linear.py")
+VERL_NAME = "verl-qatlinear-nvfp4"
+AQN_VARIANTS = [  # name, quantizer, AQN noise on
+    ("w4a16-mxfp4", lambda: aqn_rs.Mxfp4Quantizer("floor"), None),
+    ("w4a16-nvfp4", aqn_rs.Nvfp4Quantizer, None),
+    ("w4a16-nvfp4+aqn", aqn_rs.Nvfp4Quantizer, "rmsnorm"),
+]
+ORDER = ["none-before"] + [v[0] for v in AQN_VARIANTS] + [VERL_NAME, "none-after"]
 
 
 def build(args):
@@ -38,23 +69,89 @@ def build(args):
     return model
 
 
-def variants(args):
-    yield "none", None, None
-    yield "w4a16-mxfp4", aqn_rs.Mxfp4Quantizer("floor"), None
-    yield "w4a16-nvfp4", aqn_rs.Nvfp4Quantizer(), None
-    yield "w4a16-nvfp4+aqn", aqn_rs.Nvfp4Quantizer(), "rmsnorm"
+def load_verl():
+    """verl.utils.qat.core (apply_qat, enable_qat_fuse, invalidate_all_scales): installed, or
+    extracted verbatim from verl's wheel. Raises with the reason when neither works."""
+    try:
+        from verl.utils.qat import core  # noqa: PLC0415
+
+        return core
+    except Exception as e:  # noqa: BLE001
+        installed_err = f"{type(e).__name__}: {e}"
+        for name in [m for m in sys.modules if m == "verl" or m.startswith("verl.")]:
+            del sys.modules[name]
+    if not all((VERL_DIR / f).is_file() for f in VERL_FILES):
+        cands = [os.environ.get("AQN_RS_VERL_WHEEL", ""), str(REPO / ".ci-wheels"), "/tmp/verlwhl"]
+        wheels = [w for c in filter(None, cands) for w in
+                  ([pathlib.Path(c)] if c.endswith(".whl") else sorted(pathlib.Path(c).glob("verl-0.9.1-*.whl")))]
+        if not wheels:
+            raise RuntimeError(f"verl not importable ({installed_err}) and no verl 0.9.1 wheel in {cands}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            for f in VERL_FILES:
+                (VERL_DIR / f).parent.mkdir(parents=True, exist_ok=True)
+                (VERL_DIR / f).write_bytes(z.read(f))
+        for d in ("verl", "verl/utils", "verl/utils/qat"):
+            (VERL_DIR / d / "__init__.py").write_text(f"# empty: the {wheels[0].name} files needed, no more\n")
+    sys.path.insert(0, str(VERL_DIR))
+    from verl.utils.qat import core  # noqa: PLC0415
+
+    return core
 
 
-def time_steps(model, opt, batch, steps: int, device: str) -> list:
+def attach_verl(model):
+    """verl's own W4A16 QAT on `model`, as its FSDP engine applies it
+    (verl/workers/engine/fsdp/transformer_impl.py `_apply_qat`): apply_qat with the QATConfig
+    defaults (ignore lm_head, embed_tokens, MoE gates) in mode w4a16, then enable_qat_fuse.
+    QATLinear.from_linear copies the weights; the copies are replaced by the original
+    Parameters so the optimizer steps them. Returns (after optimizer step, undo)."""
+    core = load_verl()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    core.apply_qat(model, {"enable": True, "mode": "w4a16", "group_size": 16})
+    core.enable_qat_fuse(model)
+    swapped = {n: model.get_submodule(n) for n in linears if model.get_submodule(n) is not linears[n]}
+    if not swapped:
+        raise RuntimeError("verl's apply_qat replaced no Linear")
+    for n, q in swapped.items():
+        q.weight, q.bias = linears[n].weight, linears[n].bias
+
+    def undo():
+        for n in swapped:
+            parent, _, leaf = n.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, linears[n])
+        del model._qat_fuse_enabled
+
+    return (lambda: core.invalidate_all_scales(model)), undo
+
+
+def attach(model, name):
+    """Put `name`'s quantization on the model; returns (after optimizer step or None, undo)."""
+    if name == VERL_NAME:
+        return attach_verl(model)
+    handles = []
+    for vname, make_quantizer, noise_on in AQN_VARIANTS:
+        if vname == name:
+            handles.append(aqn_rs.quantize_model(model, make_quantizer()))
+            if noise_on is not None:
+                sched = aqn_rs.SigmaScheduler(0.05, 5e-4, 10, 100)
+                noise = aqn_rs.AqnNoise(sched, layer_types=(noise_on,), apply_to="actor", seed=0)
+                handles.append(aqn_rs.hooks.attach_noise(model, noise))
+                noise.set_step(50)
+    return None, lambda: [h.remove() for h in reversed(handles)]
+
+
+def time_steps(model, opt, batch, steps: int, micro: int, device: str, after_step=None) -> list:
+    """ms per optimizer step over `micro` micro-batches, `steps` timed after two warm-up steps."""
     times = []
-    for i in range(steps + 2):  # two warm-up steps
+    for i in range(steps + 2):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
+        for mb in batch.chunk(micro):
+            (model(input_ids=mb, labels=mb).loss / micro).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= 2:
@@ -62,7 +159,25 @@ def time_steps(model, opt, batch, steps: int, device: str) -> list:
     return times
 
 
-def main() -> None:
+def measure(model, opt, batch, args, name, micro):
+    """(times, None) or (None, why skipped)."""
+    try:
+        after_step, undo = attach(model, "none" if name.startswith("none") else name)
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {e}"
+    try:
+        return time_steps(model, opt, batch, args.steps, micro, args.device, after_step), None
+    except Exception as e:  # noqa: BLE001
+        if name != VERL_NAME:
+            raise
+        opt.zero_grad(set_to_none=True)
+        hint = "" if args.device == "cuda" else " (its fake quant is a Triton kernel: GPU only)"
+        return None, f"step failed on {args.device}{hint}: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
+    finally:
+        undo()
+
+
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
@@ -73,40 +188,66 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per variant (after 2 warm-up)")
+    ap.add_argument("--micro", type=int, nargs="+", default=[1, 4], help="micro-batch counts (each divides --batch)")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="also write the results to this JSON file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if any(m < 1 or args.batch % m for m in args.micro):
+        ap.error(f"each --micro must divide --batch {args.batch}: got {args.micro}")
 
     model = build(args)
     nparams = sum(p.numel() for p in model.parameters())
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"{card}: Llama-style {nparams / 1e9:.2f}B params, {args.dtype}, batch {args.batch}x{args.seq}, "
-          f"aqn_rs {aqn_rs.__version__} (CUDA kernels: {aqn_rs.build_info()['cuda_available']})")
+          f"micro-batches {args.micro}, {args.rounds} rounds of {args.steps} steps, aqn_rs {aqn_rs.__version__} "
+          f"(CUDA kernels: {aqn_rs.build_info()['cuda_available']})", flush=True)
     g = torch.Generator(device="cpu").manual_seed(1)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
 
-    rows = []
-    base = None
-    for name, quantizer, noise_on in variants(args):
-        handles = []
-        if quantizer is not None:
-            handles.append(aqn_rs.quantize_model(model, quantizer))
-        if noise_on is not None:
-            sched = aqn_rs.SigmaScheduler(0.05, 5e-4, 10, 100)
-            noise = aqn_rs.AqnNoise(sched, layer_types=(noise_on,), apply_to="actor", seed=0)
-            handles.append(aqn_rs.hooks.attach_noise(model, noise))
-            noise.set_step(50)
-        times = time_steps(model, opt, batch, args.steps, args.device)
-        for h in reversed(handles):
-            h.remove()
-        ms = statistics.median(times)
-        base = base or ms
-        rows.append({"variant": name, "ms": ms, "ratio": ms / base, "min_ms": min(times)})
-        print(f"{name:<18}{ms:>10.2f} ms/step{ms / base:>9.3f}x  (min {min(times):.2f})", flush=True)
+    rows, skipped = [], {}
+    for r in range(1, args.rounds + 1):
+        for micro in args.micro:
+            got = {}
+            for name in ORDER:
+                if name in skipped:
+                    continue
+                times, why = measure(model, opt, batch, args, name, micro)
+                if why is not None:
+                    skipped[name] = why
+                    print(f"round {r} micro {micro}  {name:<22}skipped: {why}", flush=True)
+                    continue
+                got[name] = (statistics.median(times), times)
+            base = (got["none-before"][0] + got["none-after"][0]) / 2
+            for name, (ms, times) in got.items():
+                rows.append({"round": r, "micro": micro, "variant": name, "ms": ms, "ratio": ms / base,
+                             "min_ms": min(times), "times_ms": times})
+                print(f"round {r} micro {micro}  {name:<22}{ms:>10.2f} ms/step{ms / base:>8.3f}x "
+                      f"(min {min(times):.2f})", flush=True)
+
+    summary = {}
+    for micro in args.micro:
+        for name in ORDER:
+            mine = [x for x in rows if x["micro"] == micro and x["variant"] == name]
+            if mine:
+                summary.setdefault(str(micro), {})[name] = {
+                    "ms": statistics.median(x["ms"] for x in mine),
+                    "ratio": statistics.median(x["ratio"] for x in mine)}
+    print(f"{card}: median over {args.rounds} rounds, ms/step (overhead vs the mean of none before/after)")
+    print(f"{'variant':<22}" + "".join(f"{f'micro {m}':>22}" for m in args.micro))
+    for name in ORDER:
+        if name in skipped:
+            print(f"{name:<22}skipped: {skipped[name]}")
+            continue
+        cells = [summary[str(m)][name] for m in args.micro]
+        print(f"{name:<22}" + "".join(f"{c['ms']:>12.2f} ({100 * (c['ratio'] - 1):+5.1f}%)" for c in cells))
+    result = {"card": card, "params": nparams, "args": vars(args), "order": ORDER,
+              "rows": rows, "summary": summary, "skipped": skipped}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"card": card, "params": nparams, "args": vars(args), "rows": rows}, f, indent=2)
+            json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":
