@@ -964,8 +964,8 @@ def _clear_prefix_cache_sync(replicas: Iterable[Any]) -> None:
 
     try:
         ray.get([h.clear_kv_cache.remote() for h in handles])
-    except Exception as e:
-        raise _rpc_error("clear_kv_cache", e) from e
+    except Exception as e:  # a server method, not a worker extension: no missing-plugin hint
+        raise VerlPluginError(f"aqn_rs: clear_kv_cache on the vLLM servers failed: {e}") from e
 
 
 def _after_sync_step(state: Optional[TrainerState], global_steps: Any) -> Optional[int]:
