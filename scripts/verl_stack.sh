@@ -24,6 +24,8 @@
 #   GPU:   bash scripts/verl_stack.sh check              imports (the verl/vLLM modules a run
 #          loads), versions, aqn_rs.build_info(), the plugin's patch points, Ray with one GPU and
 #          a task that imports aqn_rs, vllm and verl in a Ray worker (~35 s on 2 cores)
+#   GPU:   bash scripts/verl_stack.sh export-check        vLLM on the NVFP4 / MXFP4 exports of the model
+#          against transformers + quantize_model (scripts/vllm_export_check.py), bf16 as the yardstick
 #   GPU:   bash scripts/verl_stack.sh run baseline       `aqn-rs run PRESET --engine verl` per
 #          preset, settings for the 135M model on one GPU (STEPS=5, 8 prompts x 4 completions a
 #          step, 256 new tokens; validation before training and at the last step, on DATA,
@@ -558,6 +560,22 @@ ray_stop() {
     "$PY" -m ray.scripts.scripts stop --force > /dev/null 2>&1 || true
 }
 
+# vLLM on aqn-rs's NVFP4 / MXFP4 exports of the model against transformers + quantize_model
+# (scripts/vllm_export_check.py: greedy tokens, teacher-forced argmax, logit differences; bf16 is
+# the yardstick). Report: $OUT/export_check.{txt,json}.
+export_check() {
+    need_stash
+    tree_core
+    eval "$(env_lines)"
+    local out=${OUT:-/tmp/aqn_verl_runs} rc=0
+    mkdir -p "$out"
+    "$PY" scripts/vllm_export_check.py --model "${MODEL:-$(cat "$STASH/model_path")}" --out "$STASH/export_check" \
+        --data "${DATA:-$STASH/data/gsm8k-small}" --json "$out/export_check.json" "$@" 2>&1 | tee "$out/export_check.txt" \
+        || rc=$?
+    [ "$rc" = 0 ] || tail -n 60 "$STASH"/export_check/vllm_*.log 2>/dev/null | tail -n 60
+    return "$rc"
+}
+
 # $OUT brings back at most 8 files: one preset as loose files, several as one .tgz each.
 copy_out() {
     local outdir=$1 out=$2 p f files="config.yaml command.sh metrics.jsonl verl_metrics.jsonl summary.json curves.png log.tail probe.txt probe_report.json"
@@ -582,5 +600,6 @@ case "${1:-}" in
     env) env_lines ;;
     check) shift; check "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,41p' "$0"; exit 2 ;;
+    export-check) shift; export_check "$@" ;;
+    *) sed -n '2,43p' "$0"; exit 2 ;;
 esac
