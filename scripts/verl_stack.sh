@@ -24,6 +24,8 @@
 #   GPU:   bash scripts/verl_stack.sh check              imports (the verl/vLLM modules a run
 #          loads), versions, aqn_rs.build_info(), the plugin's patch points, Ray with one GPU and
 #          a task that imports aqn_rs, vllm and verl in a Ray worker (~35 s on 2 cores)
+#   GPU:   bash scripts/verl_stack.sh bg nvfp4-aqn nvfp4 ...   `run` in the background (outlives the call;
+#          RUN_TIMEOUT per preset), then `wait-bg [SECONDS]` calls back to back: files to $OUT
 #   GPU:   bash scripts/verl_stack.sh export-check        vLLM on the NVFP4 / MXFP4 exports of the model
 #          against transformers + quantize_model (scripts/vllm_export_check.py), bf16 as the yardstick
 #   GPU:   bash scripts/verl_stack.sh run baseline       `aqn-rs run PRESET --engine verl` per
@@ -42,6 +44,7 @@
 #
 # STASH (default ~/stash) and PYTHON (default python3) can be set for every stage.
 set -euo pipefail
+SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STASH=${STASH:-$HOME/stash}
@@ -515,9 +518,11 @@ run() {
             ls -la "$AQN_RS_PROBE_DIR" | head -30
             rm -rf "$AQN_RS_PROBE_DIR"  # GBs of weights
         fi
+        # each preset's files as soon as it ends (a background run may be cut before the last)
+        if [ "$#" -gt 1 ]; then copy_out "$outdir" "$out" "$p"; fi
     done
     [ -z "$dry" ] || return 0
-    copy_out "$outdir" "$out" "$@"
+    if [ "$#" -eq 1 ]; then copy_out "$outdir" "$out" "$@"; fi
     cat "$out/verl_runs.txt"
 }
 
@@ -560,6 +565,34 @@ ray_stop() {
     "$PY" -m ray.scripts.scripts stop --force > /dev/null 2>&1 || true
 }
 
+# A run longer than one call: `bg PRESET...` starts `run` in its own process session (the device
+# tool ends a call's processes when it returns, except those), writing to $STASH/out;
+# `wait-bg [SECONDS]` waits until it ends or SECONDS pass (default 540), then copies its files to
+# $OUT and prints the log's tail. Poll back to back: the machine stays warm only between calls.
+bg() {
+    need_stash
+    local o=$STASH/out
+    if [ -f "$o/bg.pid" ] && kill -0 "$(cat "$o/bg.pid")" 2>/dev/null; then die "a background run is going on (pid $(cat "$o/bg.pid"))"; fi
+    rm -rf "$o" && mkdir -p "$o"
+    OUT=$o setsid nohup bash "$SELF" run "$@" > "$o/bg.log" 2>&1 < /dev/null &
+    echo $! > "$o/bg.pid"
+    echo "== background run of $* started (pid $(cat "$o/bg.pid")); poll: bash scripts/verl_stack.sh wait-bg"
+}
+
+wait_bg() {
+    local o=$STASH/out secs=${1:-540} t0=$SECONDS pid f
+    [ -f "$o/bg.pid" ] || die "no background run (bash scripts/verl_stack.sh bg PRESET...)"
+    pid=$(cat "$o/bg.pid")
+    while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - t0)) -lt "$secs" ]; do sleep 5; done
+    if kill -0 "$pid" 2>/dev/null; then echo "== still running after $((SECONDS - t0)) s"; else echo "== background run ended"; fi
+    mkdir -p "${OUT:?}"
+    for f in "$o"/*; do
+        case "$(basename "$f")" in bg.pid) ;; *) [ -f "$f" ] && cp "$f" "$OUT/" ;; esac
+    done
+    for f in "$o"/*/; do [ -d "$f" ] && cp -r "$f" "$OUT/"; done
+    tail -n 60 "$o/bg.log"
+}
+
 # vLLM on aqn-rs's NVFP4 / MXFP4 exports of the model against transformers + quantize_model
 # (scripts/vllm_export_check.py: greedy tokens, teacher-forced argmax, logit differences; bf16 is
 # the yardstick). Report: $OUT/export_check.{txt,json}.
@@ -582,7 +615,7 @@ copy_out() {
     shift 2
     for p in "$@"; do
         [ -d "$outdir/$p" ] || continue
-        if [ "$#" -eq 1 ] && [ "${TGZ:-1}" = 0 ]; then
+        if [ "${TGZ:-1}" = 0 ]; then
             mkdir -p "$out/$p"
             for f in $files; do cp "$outdir/$p/$f" "$out/$p/" 2>/dev/null || true; done
         else
@@ -601,5 +634,7 @@ case "${1:-}" in
     check) shift; check "$@" ;;
     run) shift; run "$@" ;;
     export-check) shift; export_check "$@" ;;
-    *) sed -n '2,43p' "$0"; exit 2 ;;
+    bg) shift; bg "$@" ;;
+    wait-bg) shift; wait_bg "$@" ;;
+    *) sed -n '2,45p' "$0"; exit 2 ;;
 esac

@@ -1025,6 +1025,28 @@ def test_remove_padding_only_with_flash_attn(monkeypatch, flash):
     assert not any(a.endswith("attn_implementation=sdpa") or a.endswith("use_remove_padding=false") for a in user)
 
 
+@pytest.mark.parametrize("flash,flashinfer", [(True, True), (False, False), (True, False)])
+def test_worker_env_without_flash_attn_or_flashinfer(monkeypatch, flash, flashinfer):
+    """The sampler and attention settings reach the Ray workers through verl's runtime env, only
+    where the package is missing, and a value exported by the user is the one passed on (quoted:
+    Ray takes env_vars as strings, Hydra would read a bare 0 as an int)."""
+    from aqn_rs.experiments import presets, verl_engine
+
+    monkeypatch.setattr(verl_engine, "has_flash_attn", lambda: flash)
+    monkeypatch.setattr(verl_engine, "has_flashinfer", lambda: flashinfer)
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    monkeypatch.delenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", raising=False)
+    env = "+ray_kwargs.ray_init.runtime_env.env_vars."
+    for preset in ("baseline", "nvfp4-aqn"):
+        cmd = verl_engine.build_command(presets.load_preset(preset), "/r", 1, "/r/data")
+        assert (f"{env}VLLM_USE_FLASHINFER_SAMPLER='0'" in cmd) is not flashinfer
+        assert (f"{env}TORCH_CUDNN_SDPA_DEPRIORITIZED='1'" in cmd) is not flash
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    cmd = verl_engine.build_command(presets.load_preset("nvfp4"), "/r", 1, "/r/data")
+    assert (f"{env}VLLM_USE_FLASHINFER_SAMPLER='1'" in cmd) is not flashinfer
+    assert f"{env}VLLM_USE_FLASHINFER_SAMPLER='0'" not in cmd
+
+
 def test_missing_packages_names_pip_projects(monkeypatch):
     import importlib.util
 

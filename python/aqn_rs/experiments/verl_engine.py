@@ -284,6 +284,11 @@ def overrides(cfg: Dict[str, Any], run_dir: str, gpus: int, data_dir: str, model
         # actor would fail at its first forward. sdpa on padded batches computes the same loss.
         items = [(k, False if k == "actor_rollout_ref.model.use_remove_padding" else v) for k, v in items]
         items.append(("+actor_rollout_ref.model.override_config.attn_implementation", "sdpa"))
+    # Set for every Ray worker through verl's runtime env rather than left to inheritance (a Ray
+    # cluster started elsewhere does not carry the driver's environment); a value the user
+    # exported here is passed on instead.
+    for var, value in worker_env().items():
+        items.append((f"+ray_kwargs.ray_init.runtime_env.env_vars.{var}", os.environ.get(var, value)))
     index = {k.lstrip("+"): i for i, (k, _) in enumerate(items)}
     for k, v in user.items():
         i = index.get(k.lstrip("+"))
@@ -382,6 +387,27 @@ def missing_packages() -> List[str]:
 def has_flash_attn() -> bool:
     """Whether verl's remove-padding path (flash-attn's varlen kernels) can run here."""
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def has_flashinfer() -> bool:
+    return importlib.util.find_spec("flashinfer") is not None
+
+
+def worker_env() -> Dict[str, str]:
+    """Environment the rollout and actor workers need on a machine without flash-attn/flashinfer.
+
+    - `VLLM_USE_FLASHINFER_SAMPLER=0`: vLLM's sampler defaults to FlashInfer's top-k/top-p
+      kernels on CUDA and raises ImportError at construction when the package is absent.
+    - `TORCH_CUDNN_SDPA_DEPRIORITIZED=1`: without flash-attn the actor runs on sdpa, where torch
+      2.11 puts cuDNN attention first on sm90; its backward gives NaN grad_q for left-padded rows
+      at lengths 64 mod 128 (docs/VERL.md, "Requirements and limits").
+    """
+    env = {}
+    if not has_flashinfer():
+        env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    if not has_flash_attn():
+        env["TORCH_CUDNN_SDPA_DEPRIORITIZED"] = "1"
+    return env
 
 
 def _gpus(text: Any, dry_run: bool) -> Tuple[int, str]:
