@@ -270,6 +270,7 @@ def test_sync_equals_fake_quant_and_leaves_excluded_alone(fmt, model_dtype):
     assert torch.equal(synced["lm_head.weight"], state["lm_head.weight"])
     assert st.last_stats["tensors"] == 7 * LAYERS and 0.05 < st.last_stats["rel_error"] < 0.2
     assert st.last_stats["sqnr_db"] == pytest.approx(-20 * math.log10(st.last_stats["rel_error"]))
+    assert 0 < st.last_stats["fake_quant_s"] < 60
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
@@ -725,7 +726,7 @@ def test_manager_wrapper_keeps_verl_auto_await_semantics(monkeypatch):
 def test_tracking_log_adds_aqn_and_quant_metrics(monkeypatch):
     monkeypatch.setattr(plugin, "_TRAINER", _trainer_state(quant={"format": "mxfp4"}))
     monkeypatch.setattr(plugin, "_read_stats", lambda: {"rel_error": 0.11, "max_rel_error": 0.2, "sqnr_db": 19.2,
-                                                        "tensors": 196.0, "step": 3})
+                                                        "tensors": 196.0, "fake_quant_s": 0.0125, "step": 3})
     got = []
     log = plugin._wrap_tracking_log(lambda self, data, step, backend=None: got.append((data, step)))
     log(None, {"training/global_step": 4, "actor/entropy": 0.5}, 4)
@@ -733,6 +734,7 @@ def test_tracking_log_adds_aqn_and_quant_metrics(monkeypatch):
     sched = plugin._TRAINER.sched
     assert data["aqn/sigma"] == sched.sigma(3) and data["aqn/stage"] == sched.stage(3)
     assert data["quant/rel_error"] == 0.11 and data["quant/tensors"] == 196.0 and data["actor/entropy"] == 0.5
+    assert data["quant/fake_quant_s"] == 0.0125
     log(None, {"val-core/openai/gsm8k/reward/mean@1": 0.5}, 0)  # validation-only record: untouched
     assert got[-1][0] == {"val-core/openai/gsm8k/reward/mean@1": 0.5}
 
@@ -1090,11 +1092,13 @@ def test_verl_metrics_become_run_metrics():
 
     lines = ['{"step": 0, "data": {"val-core/openai/gsm8k/reward/mean@1": 0.6}}',
              '{"step": 1, "data": {"actor/entropy": 0.8, "critic/score/mean": 0.5, "aqn/sigma": 0.0, '
-             '"training/global_step": 1, "quant/rel_error": 0.11}}',
+             '"training/global_step": 1, "quant/rel_error": 0.11, "timing_s/gen": 8.1, "timing_s/update_weights": 0.32, '
+             '"timing_s/update_actor": 3.6, "quant/fake_quant_s": 0.012}}',
              '{"step": 5, "data": {"actor/entropy": 1.2, "val-core/openai/gsm8k/reward/mean@1": 0.7}}']
     assert verl_engine.convert_metrics(lines) == [
         {"step": 0, "val_strict": 0.6},
-        {"step": 1, "entropy": 0.8, "reward": 0.5, "sigma": 0.0, "quant_rel_error": 0.11},
+        {"step": 1, "entropy": 0.8, "reward": 0.5, "sigma": 0.0, "quant_rel_error": 0.11, "gen_time": 8.1,
+         "sync_time": 0.32, "update_time": 3.6, "sync_fake_quant_time": 0.012},
         {"step": 5, "entropy": 1.2, "val_strict": 0.7},
     ]
 

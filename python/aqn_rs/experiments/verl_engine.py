@@ -323,10 +323,14 @@ VERL_KEYS = {
     "response_length/mean": "completion_length",
     "response_length/clip_ratio": "clipped_ratio",
     "timing_s/step": "step_time",
+    "timing_s/gen": "gen_time",
+    "timing_s/update_weights": "sync_time",
+    "timing_s/update_actor": "update_time",
     "aqn/sigma": "sigma",
     "aqn/stage": "stage",
     "quant/rel_error": "quant_rel_error",
     "quant/sqnr_db": "quant_sqnr_db",
+    "quant/fake_quant_s": "sync_fake_quant_time",
 }
 VAL_KEY = re.compile(r"^val-core/.*gsm8k/(?:reward|acc)/mean@1$")
 

@@ -63,6 +63,7 @@ import inspect
 import json
 import logging
 import math
+import time
 import os
 import sys
 import threading
@@ -553,7 +554,9 @@ def quant_sync(
             rollout gets bit for bit the weights the actor computes with.
         on_done: called at the end of the stream with the error statistics
             (`rel_error` = ||w - q(w)|| / ||w|| over all quantized weights, `max_rel_error`,
-            `sqnr_db`, `tensors`).
+            `sqnr_db`, `tensors`) and `fake_quant_s`: the wall time the stream spent in this
+            function's own work (casts, amax, fake quant, error sums; the last step waits for the
+            GPU), i.e. what the plugin adds to verl's weight sync.
 
     Yields:
         `(name, tensor)` in the input's order (group members once their group is complete),
@@ -571,8 +574,10 @@ def quant_sync(
     seen: set = set()
     errs: List[Any] = []
     refs: List[Any] = []
+    spent = [0.0]
 
     def fq(w, amax=None):
+        t0 = time.perf_counter()
         w = w.detach()
         if param_dtype is not None and w.dtype != param_dtype:
             w = w.to(param_dtype)
@@ -582,15 +587,18 @@ def quant_sync(
             wf = w.float()
             errs.append((wf - qw.float()).square().sum())
             refs.append(wf.square().sum())
+        spent[0] += time.perf_counter() - t0
         return qw
 
     def flush(members: Dict[str, Tuple[str, Any]]) -> Iterator[Tuple[str, Any]]:
+        t0 = time.perf_counter()
         ws = {m: (n, t.detach().to(param_dtype) if param_dtype is not None else t.detach())
               for m, (n, t) in members.items()}
         amax = None
         if len(ws) > 1:
             with torch.no_grad():
                 amax = torch.stack([t.abs().amax().float() for _, t in ws.values()]).amax()
+        spent[0] += time.perf_counter() - t0
         for m, (n, t) in ws.items():
             yield n, fq(t, amax)
 
@@ -618,6 +626,7 @@ def quant_sync(
             f"(first: {missing[0]}.weight): the sync's names do not match the actor model's, so the "
             "rollout would run unquantized weights"
         )
+    t0 = time.perf_counter()
     stats: Dict[str, float] = {"tensors": float(len(errs))}
     if errs:
         e = torch.stack([x.to(errs[0].device) for x in errs])
@@ -627,6 +636,7 @@ def quant_sync(
         stats["rel_error"] = math.sqrt(tot_e / tot_r) if tot_r > 0 else 0.0
         stats["max_rel_error"] = float(per.max())
         stats["sqnr_db"] = 10 * math.log10(tot_r / tot_e) if tot_e > 0 else float("inf")
+    stats["fake_quant_s"] = spent[0] + time.perf_counter() - t0
     if on_done is not None:
         on_done(stats)
 
@@ -867,7 +877,7 @@ class TrainerState:
         if self.cfg.quantization is not None:
             stats = _read_stats()
             if stats:
-                for k in ("rel_error", "max_rel_error", "sqnr_db", "tensors"):
+                for k in ("rel_error", "max_rel_error", "sqnr_db", "tensors", "fake_quant_s"):
                     if isinstance(stats.get(k), (int, float)) and math.isfinite(stats[k]):
                         out[f"quant/{k}"] = float(stats[k])
         return out
