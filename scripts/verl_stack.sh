@@ -29,9 +29,10 @@
 #   GPU:   bash scripts/verl_stack.sh export-check        vLLM on the NVFP4 / MXFP4 exports of the model
 #          against transformers + quantize_model (scripts/vllm_export_check.py), bf16 as the yardstick
 #   GPU:   bash scripts/verl_stack.sh run baseline       `aqn-rs run PRESET --engine verl` per
-#          preset, settings for the 135M model on one GPU (STEPS=5, 8 prompts x 4 completions a
-#          step, 256 new tokens; validation before training and at the last step, on DATA,
-#          default $STASH/data/gsm8k-small). Extra `aqn-rs run` options in RUN_ARGS (later `--set`
+#          preset, settings for the 135M model on one GPU (STEPS=10, 8 prompts x 8 completions a
+#          step, 128 new tokens, lr 1e-5; validation before training, halfway and at the end, on
+#          DATA, default `builtin`: the local engine's arithmetic task, where the 135M model earns
+#          reward; DATA=$STASH/data/gsm8k-small for GSM8K). Extra `aqn-rs run` options in RUN_ARGS (later `--set`
 #          wins, e.g. RUN_ARGS="--set verl.data.train_batch_size=16"); SMALL=0 drops the small
 #          settings. Each run is cut at RUN_TIMEOUT s (default 500) so its files still come back:
 #          one preset per call. DRY_RUN=1 prints each verl command and composes it on verl's own
@@ -406,7 +407,7 @@ PYEOF
     "$PY" -m aqn_rs.integrations.verl
     # The data path on the CPU: aqn-rs's parquet rows -> verl's RLHFDataset (chat template,
     # overlong filter) with the run's tokenizer, and verl's GSM8K rule reward.
-    "$PY" - "$(cat "$STASH/model_path")" "${DATA:-$STASH/data/gsm8k-small}" <<'PYEOF'
+    "$PY" - "$(cat "$STASH/model_path")" "${DATA:-builtin}" <<'PYEOF'
 import os, sys, tempfile, time
 t = time.time()
 import verl
@@ -445,43 +446,46 @@ PYEOF
     echo "== check done in $((SECONDS - t0)) s"
 }
 
-# Small settings for SmolLM2-135M on one GPU, a few minutes a run (verl_engine.py: later --set wins).
+# Small settings for SmolLM2-135M on one GPU, a few minutes a run (verl_engine.py: later --set
+# wins): the local engine's tuned GRPO settings (presets/_defaults.yaml: 8 completions a prompt,
+# lr 1e-5, short answers) on the built-in task by default, where a 135M model earns reward (it
+# scores ~0 on GSM8K, so GRPO's advantages would be 0). Attention needs nothing here: without
+# flash-attn `aqn-rs run` itself passes sdpa and use_remove_padding=false.
 small_sets() {
     local s=$1
     printf -- '--set %s ' \
         verl.data.train_batch_size=8 \
-        verl.data.max_response_length=256 \
-        verl.actor_rollout_ref.rollout.n=4 \
+        verl.data.max_response_length=128 \
+        verl.actor_rollout_ref.rollout.n=8 \
+        verl.actor_rollout_ref.actor.optim.lr=1e-5 \
         verl.actor_rollout_ref.actor.ppo_mini_batch_size=8 \
-        verl.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 \
-        verl.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16 \
-        verl.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16 \
+        verl.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16 \
+        verl.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=32 \
+        verl.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=32 \
         verl.actor_rollout_ref.ref.fsdp_config.param_offload=false \
         verl.actor_rollout_ref.rollout.gpu_memory_utilization=0.4 \
         verl.actor_rollout_ref.rollout.enforce_eager=true \
-        verl.actor_rollout_ref.model.use_remove_padding=false \
-        verl.+actor_rollout_ref.model.override_config.attn_implementation=sdpa \
         verl.trainer.val_before_train=true \
-        "verl.trainer.test_freq=$s" \
+        "verl.trainer.test_freq=$((s > 1 ? s / 2 : 1))" \
         verl.trainer.save_freq=-1 \
         verl.+ray_kwargs.ray_init.include_dashboard=false
 }
 
 run() {
     [ $# -gt 0 ] || set -- baseline
-    local dry=${DRY_RUN:-} steps=${STEPS:-5} gpus=${GPUS:-1} outdir=${OUTPUT:-runs/verl} out=${OUT:-/tmp/aqn_verl_runs}
+    local dry=${DRY_RUN:-} steps=${STEPS:-10} gpus=${GPUS:-1} outdir=${OUTPUT:-runs/verl} out=${OUT:-/tmp/aqn_verl_runs}
     local model data p cmd small=()
     if [ -n "$dry" ] && [ ! -f "$STASH/model_path" ]; then
         # No stack here: $PY's own verl/aqn_rs (the tree's code where its core is built in place).
         model=${MODEL:-$STASH/model}
-        data=${DATA:-$GSM8K_SRC}
+        data=${DATA:-builtin}
         [ ! -f python/aqn_rs/_aqn_rs.abi3.so ] || export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
     else
         need_stash
         tree_core
         eval "$(env_lines)"
         model=${MODEL:-$(cat "$STASH/model_path")}
-        data=${DATA:-$STASH/data/gsm8k-small}
+        data=${DATA:-builtin}
         nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || true
     fi
     # shellcheck disable=SC2207

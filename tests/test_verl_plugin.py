@@ -987,6 +987,42 @@ def test_prepare_data_writes_parquet_from_jsonl(tmp_path):
     assert len(pq.read_table(te).to_pylist()) == 3 and "train.jsonl 5" in desc
 
 
+def test_builtin_task_for_verl_keeps_the_local_prompt_and_verls_reward(tmp_path):
+    """`--data builtin`: the local engine's arithmetic task and prompt (system message with the
+    worked example), as GSM8K rows verl's own rule reward scores."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from aqn_rs.experiments import data as data_mod
+    from aqn_rs.experiments import verl_engine
+
+    tr, te, desc = verl_engine.prepare_data("builtin", tmp_path / "out", {"add_sub": 1.0})
+    train, test = pq.read_table(tr).to_pylist(), pq.read_table(te).to_pylist()
+    want_train, want_test, _ = data_mod.load_data(None, mix={"add_sub": 1.0})
+    assert len(train) == len(want_train) == 5000 and len(test) == len(want_test) == 200
+    assert "builtin" in desc and "add_sub 100%" in desc
+    for row, rec in ((train[7], want_train[7]), (test[3], want_test[3])):
+        assert row["prompt"] == data_mod.prompt_messages(rec["question"])
+        assert row["prompt"][0]["role"] == "system" and "#### 7" in row["prompt"][0]["content"]
+        assert row["reward_model"]["ground_truth"] == rec["answer"].rsplit("#### ", 1)[1]
+        assert row["data_source"] == "openai/gsm8k"
+    assert not set(r["extra_info"]["question"] for r in train) & set(r["extra_info"]["question"] for r in test)
+    with pytest.raises(Exception, match="builtin_mix"):
+        verl_engine.prepare_data("builtin", tmp_path / "bad", {"nope": 1.0})
+    try:
+        from verl.utils.reward_score import default_compute_score
+    except ImportError:
+        return  # verl's scorer is checked where verl is installed (the verl test environment)
+    gt = test[0]["reward_model"]["ground_truth"]
+    assert default_compute_score("openai/gsm8k", f"so\n#### {gt}", gt) == 1.0
+    assert default_compute_score("openai/gsm8k", f"so\n#### {int(gt) + 1}", gt) == 0.0
+
+
+def test_local_engine_takes_builtin_by_name():
+    from aqn_rs.experiments import data as data_mod
+
+    a, b, desc = data_mod.load_data("builtin", train_size=10, eval_size=4)
+    assert (a, b) == data_mod.load_data(None, train_size=10, eval_size=4)[:2] and len(a) == 10 and len(b) == 4
+
+
 def test_dry_run_prints_the_command(capsys, tmp_path):
     from aqn_rs.experiments import verl_engine
 

@@ -41,6 +41,7 @@ SYSTEM_PROMPT = (
     "#### 7"
 )
 
+BUILTIN = "builtin"  # `--data builtin`: this task by name (the verl engine's default is the Hub's GSM8K)
 BUILTIN_SEED = 20251126
 BUILTIN_MIX = (("add_sub", 0.4), ("mul_div", 0.3), ("two_step", 0.3))
 
@@ -182,12 +183,12 @@ def load_data(path: Optional[str], train_size: Optional[int] = None, eval_size: 
     """(train records, validation records, description) for `--data PATH` or the built-in task.
 
     Args:
-        path: a folder with train.jsonl and test.jsonl, one jsonl file, or None (built-in).
+        path: a folder with train.jsonl and test.jsonl, one jsonl file, or None / "builtin" (built-in).
         train_size: built-in task: how many training problems (default 5000).
         eval_size: at most this many validation problems (the first ones of the test split).
         mix: built-in task: {level: weight} (preset key `data.builtin_mix`; None: 40/30/30).
     """
-    if path is None:
+    if path is None or path == BUILTIN:
         m = parse_mix(mix)
         train = builtin_problems("train", train_size or 5000, m)
         test = builtin_problems("test", eval_size, m)

@@ -96,17 +96,22 @@ NOISE_KEYS = ("enabled", "sigma_start", "sigma_end", "num_stages", "layer_types"
 # ---------------------------------------------------------------------------------------------
 
 
-def verl_rows(records: Sequence[Dict[str, Any]], split: str) -> List[Dict[str, Any]]:
+def verl_rows(records: Sequence[Dict[str, Any]], split: str, system_prompt: Optional[str] = None
+              ) -> List[Dict[str, Any]]:
     """GSM8K records ({question, answer}) as verl's parquet rows, field for field what verl's
-    examples/data_preprocess/gsm8k.py writes."""
+    examples/data_preprocess/gsm8k.py writes; with `system_prompt`, the prompt is the local
+    engine's (that system message, then the same user message)."""
+    from .data import prompt_messages
     from .reward import GSM8K_SUFFIX, ground_truth
 
     rows = []
     for idx, r in enumerate(records):
         question, answer = str(r["question"]), str(r["answer"])
+        prompt = (prompt_messages(question, system_prompt) if system_prompt is not None
+                  else [{"role": "user", "content": question + " " + GSM8K_SUFFIX}])
         rows.append({
             "data_source": DATA_SOURCE,
-            "prompt": [{"role": "user", "content": question + " " + GSM8K_SUFFIX}],
+            "prompt": prompt,
             "ability": "math",
             "reward_model": {"style": "rule", "ground_truth": ground_truth(answer)},
             "extra_info": {"split": split, "index": idx, "answer": answer, "question": question},
@@ -114,10 +119,13 @@ def verl_rows(records: Sequence[Dict[str, Any]], split: str) -> List[Dict[str, A
     return rows
 
 
-def read_records(data: Optional[str]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], str]:
-    """(train, test, description) from `--data` (folder or jsonl file) or the Hub's openai/gsm8k."""
-    from .data import read_jsonl
+def read_records(data: Optional[str], mix: Any = None) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], str]:
+    """(train, test, description) from `--data` (folder or jsonl file, or `builtin`: the local
+    engine's arithmetic task) or the Hub's openai/gsm8k."""
+    from .data import BUILTIN, load_data, read_jsonl
 
+    if data == BUILTIN:
+        return load_data(None, mix=mix)
     if data is None:
         try:
             import datasets
@@ -159,19 +167,29 @@ def write_parquet(rows: Sequence[Dict[str, Any]], path: pathlib.Path) -> None:
     tmp.replace(path)
 
 
-def prepare_data(data: Optional[str], out_dir: pathlib.Path) -> Tuple[pathlib.Path, pathlib.Path, str]:
+def prepare_data(data: Optional[str], out_dir: pathlib.Path, mix: Any = None
+                 ) -> Tuple[pathlib.Path, pathlib.Path, str]:
     """Write train.parquet and test.parquet for verl into `out_dir`; returns their paths and a
-    description of the source."""
-    train, test, desc = read_records(data)
+    description of the source (`mix`: the built-in task's levels, preset key data.builtin_mix)."""
+    from .data import BUILTIN, SYSTEM_PROMPT
+
+    train, test, desc = read_records(data, mix)
+    # The built-in task keeps the local engine's prompt: its worked example is what lets a
+    # 135M model write `#### n` at all (data.py), so verl's strict GSM8K reward can score it.
+    system = SYSTEM_PROMPT if data == BUILTIN else None
     out_dir = pathlib.Path(out_dir)
     tr, te = out_dir / "train.parquet", out_dir / "test.parquet"
-    write_parquet(verl_rows(train, "train"), tr)
-    write_parquet(verl_rows(test, "test"), te)
+    write_parquet(verl_rows(train, "train", system), tr)
+    write_parquet(verl_rows(test, "test", system), te)
     return tr, te, desc
 
 
 def describe_data(data: Optional[str]) -> str:
     """What `prepare_data` will read, checked without reading it (for --dry-run)."""
+    from .data import BUILTIN
+
+    if data == BUILTIN:
+        return "builtin arithmetic word problems (the local engine's task and prompt), scored by verl's GSM8K rule"
     if data is None:
         return f"{HUB_DATASET} from the Hugging Face Hub (pass --data for a local GSM8K jsonl folder)"
     p = pathlib.Path(data)
@@ -451,6 +469,10 @@ def plan_run(args: Any, extra_overrides: Sequence[str] = (), name: Optional[str]
     dry = bool(getattr(args, "dry_run", False))
     gpus, gpu_desc = _gpus(getattr(args, "gpus", "auto"), dry)
     data_desc = describe_data(args.data)
+    if args.data == "builtin":  # its level mix is checked here, not in the Ray job
+        from .data import parse_mix
+
+        parse_mix((cfg.get("data") or {}).get("builtin_mix"))
     run_name = name or args.name or cfg["name"]
     cfg["name"] = run_name
     run_dir = pathlib.Path(args.output).resolve() / run_name
@@ -486,7 +508,7 @@ def execute(cfg: Dict[str, Any], data: Optional[str]) -> Dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     for f in ("metrics.jsonl", "summary.json", "curves.png", "verl_metrics.jsonl"):
         (run_dir / f).unlink(missing_ok=True)
-    tr, te, desc = prepare_data(data, run_dir / "data")
+    tr, te, desc = prepare_data(data, run_dir / "data", (cfg.get("data") or {}).get("builtin_mix"))
     print(f"[aqn-rs] data: {desc} -> {tr}, {te}", file=sys.stderr, flush=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = cfg["run"]["command"]
