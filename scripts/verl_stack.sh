@@ -25,7 +25,9 @@
 #          loads), versions, aqn_rs.build_info(), the plugin's patch points, Ray with one GPU and
 #          a task that imports aqn_rs, vllm and verl in a Ray worker (~35 s on 2 cores)
 #   GPU:   bash scripts/verl_stack.sh bg nvfp4-aqn nvfp4 ...   `run` in the background (outlives the call;
-#          RUN_TIMEOUT per preset), then `wait-bg [SECONDS]` calls back to back: files to $OUT
+#          RUN_TIMEOUT per preset), then `wait-bg [SECONDS]` calls back to back: files to $OUT.
+#          EXPORT_AFTER=PRESET: when the runs end, `export-check` on that run's trained model (its
+#          last checkpoint's huggingface/ folder; the run needs SAVE_HF=1).
 #   GPU:   bash scripts/verl_stack.sh export-check        vLLM on the NVFP4 / MXFP4 exports of the model
 #          against transformers + quantize_model (scripts/vllm_export_check.py), bf16 as the yardstick
 #   GPU:   bash scripts/verl_stack.sh run baseline       `aqn-rs run PRESET --engine verl` per
@@ -35,7 +37,13 @@
 #          reward; DATA=$STASH/data/gsm8k-small for GSM8K). Extra `aqn-rs run` options in RUN_ARGS (later `--set`
 #          wins, e.g. RUN_ARGS="--set verl.data.train_batch_size=16"); SMALL=0 drops the small
 #          settings. Each run is cut at RUN_TIMEOUT s (default 500) so its files still come back:
-#          one preset per call. DRY_RUN=1 prints each verl command and composes it on verl's own
+#          one preset per call. PARALLEL=1 runs the presets at once on the one GPU, each its own
+#          verl job with its own local Ray instance (the start-up, ~5 min of imports and engine
+#          building a run, overlaps; phase timings are then taken under contention); each vLLM
+#          gets GPU_MEM of the card (default 0.4, 0.2 in parallel) and, with KV_BYTES (default
+#          2 GiB in parallel), a KV cache of that size instead of one sized by profiling, which
+#          another job's allocations during the profile would skew. SAVE_HF=1 saves the actor at
+#          the last step with its huggingface/ folder (model + hf_model). DRY_RUN=1 prints each verl command and composes it on verl's own
 #          Hydra config with verl's validate_config (here too, without the stack, with a Python
 #          that has verl, e.g. PYTHON=.ci-venv-verl/bin/python).
 #          Outputs: runs/verl/<preset>/ there; in $OUT: <preset>/{config.yaml, command.sh,
@@ -374,6 +382,10 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 WANDB_
 export RAY_DEDUP_LOGS=0 RAY_USAGE_STATS_ENABLED=0 RAY_DISABLE_DOCKER_CPU_WARNING=1
 export RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION=0.05
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# The stack is installed with --no-compile: the first import of each module writes its .pyc,
+# which every later process (a run starts ~20) reuses; an image that sets this would have each
+# of them compile vllm, ray and verl from source again.
+unset PYTHONDONTWRITEBYTECODE
 export TORCH_CUDNN_SDPA_DEPRIORITIZED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 EOF
@@ -463,18 +475,24 @@ small_sets() {
         verl.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=32 \
         verl.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=32 \
         verl.actor_rollout_ref.ref.fsdp_config.param_offload=false \
-        verl.actor_rollout_ref.rollout.gpu_memory_utilization=0.4 \
+        "verl.actor_rollout_ref.rollout.gpu_memory_utilization=$2" \
         verl.actor_rollout_ref.rollout.enforce_eager=true \
         verl.trainer.val_before_train=true \
         "verl.trainer.test_freq=$((s > 1 ? s / 2 : 1))" \
         verl.trainer.save_freq=-1 \
         verl.+ray_kwargs.ray_init.include_dashboard=false
+    [ -z "$3" ] || printf -- '--set %s ' "verl.+actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes=$3"
+    # (later --set wins) verl saves at save_freq and at the last step; its FSDP checkpoint
+    # manager writes huggingface/ (safetensors) only for hf_model
+    [ "${SAVE_HF:-0}" = 0 ] || printf -- '--set %s ' "verl.trainer.save_freq=$s" \
+        "verl.actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]"
 }
 
 run() {
     [ $# -gt 0 ] || set -- baseline
     local dry=${DRY_RUN:-} steps=${STEPS:-10} gpus=${GPUS:-1} outdir=${OUTPUT:-runs/verl} out=${OUT:-/tmp/aqn_verl_runs}
-    local model data p cmd small=()
+    local par=${PARALLEL:-0} mem kv model data p small=()
+    if [ "$par" = 1 ]; then mem=${GPU_MEM:-0.2}; kv=${KV_BYTES:-2147483648}; else mem=${GPU_MEM:-0.4}; kv=${KV_BYTES:-}; fi
     if [ -n "$dry" ] && [ ! -f "$STASH/model_path" ]; then
         # No stack here: $PY's own verl/aqn_rs (the tree's code where its core is built in place).
         model=${MODEL:-$STASH/model}
@@ -487,47 +505,84 @@ run() {
         model=${MODEL:-$(cat "$STASH/model_path")}
         data=${DATA:-builtin}
         nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || true
+        "$PY" -c 'import sys; print("== python writes bytecode:", not sys.flags.dont_write_bytecode)'
     fi
     # shellcheck disable=SC2207
-    [ "${SMALL:-1}" = 0 ] || small=($(small_sets "$steps"))
+    [ "${SMALL:-1}" = 0 ] || small=($(small_sets "$steps" "$mem" "$kv"))
     [ -n "$dry" ] || mkdir -p "$outdir" "$out"
-    for p in "$@"; do
-        # shellcheck disable=SC2206
-        cmd=("$PY" -m aqn_rs.experiments.cli run "$p" --engine verl --gpus "$gpus" --model "$model"
-             --data "$data" --output "$outdir" --steps "$steps" "${small[@]}" ${RUN_ARGS:-})
-        if [ -n "$dry" ]; then compose_check "${cmd[@]}"; continue; fi
+    if [ -n "$dry" ]; then
+        for p in "$@"; do
+            # shellcheck disable=SC2206
+            compose_check "$PY" -m aqn_rs.experiments.cli run "$p" --engine verl --gpus "$gpus" --model "$model" \
+                --data "$data" --output "$outdir" --steps "$steps" "${small[@]}" ${RUN_ARGS:-}
+        done
+        return 0
+    fi
+    export NPRESETS=$#
+    ray_stop
+    if [ "$par" = 1 ]; then
+        # one job per preset, each with its own local Ray instance (ray.init() without an address
+        # starts one unless `ray start` wrote /tmp/ray/ray_current_cluster); ray_stop only
+        # around all of them, since it ends every Ray instance on the machine
+        local pids=() k=0
+        for p in "$@"; do
+            run_one "$p" "$outdir" "$out" "$model" "$data" "$steps" "$gpus" "${small[@]}" > "$outdir/$p.driver.log" 2>&1 &
+            pids+=($!)
+            k=$((k + 1))
+            # staggered: the jobs' imports and engine starts overlap less at the very beginning
+            [ "$k" -ge "$#" ] || sleep "${STAGGER:-15}"
+        done
+        for k in "${pids[@]}"; do wait "$k" || true; done
+        for p in "$@"; do cat "$outdir/$p.driver.log"; done
         ray_stop
-        local t0=$SECONDS rc=0
-        # PROBE=1 (default): the plugin records the syncs of steps 0..PROBE_STEPS and the vLLM
-        # workers' live weights, checked after the run (aqn_rs/integrations/verl_probe.py)
-        if [ "${PROBE:-1}" = 1 ]; then
-            rm -rf "$outdir/$p/probe"
-            export AQN_RS_PROBE_DIR="$PWD/$outdir/$p/probe" AQN_RS_PROBE_STEPS=${PROBE_STEPS:-2}
-        else
-            unset AQN_RS_PROBE_DIR AQN_RS_PROBE_STEPS
-        fi
-        echo "== $p: ${cmd[*]}"
-        timeout -k 30 "${RUN_TIMEOUT:-500}" "${cmd[@]}" > "$outdir/$p.log" 2>&1 || rc=$?
-        echo "$p: exit $rc, wall $((SECONDS - t0)) s" | tee -a "$outdir/$p.log" >> "$out/verl_runs.txt"
-        ray_stop
-        echo "== $p: the log's last 40 lines"
-        tr '\r' '\n' < "$outdir/$p.log" | tail -n 40
-        mkdir -p "$outdir/$p"
-        tr '\r' '\n' < "$outdir/$p.log" | tail -n 3000 > "$outdir/$p/log.tail"
-        if [ -f "$outdir/$p/summary.json" ]; then cat "$outdir/$p/summary.json"; echo; fi
-        if [ -n "${AQN_RS_PROBE_DIR:-}" ] && [ -d "$AQN_RS_PROBE_DIR" ]; then
-            echo "== $p: probe (the rollout's weights read back from vLLM)"
-            "$PY" -m aqn_rs.integrations.verl_probe "$AQN_RS_PROBE_DIR" 2>&1 | tee "$outdir/$p/probe.txt" || true
-            cp "$AQN_RS_PROBE_DIR/probe_report.json" "$outdir/$p/" 2>/dev/null || true
-            ls -la "$AQN_RS_PROBE_DIR" | head -30
-            rm -rf "$AQN_RS_PROBE_DIR"  # GBs of weights
-        fi
-        # each preset's files as soon as it ends (a background run may be cut before the last)
-        if [ "$#" -gt 1 ]; then copy_out "$outdir" "$out" "$p"; fi
-    done
-    [ -z "$dry" ] || return 0
+    else
+        for p in "$@"; do
+            run_one "$p" "$outdir" "$out" "$model" "$data" "$steps" "$gpus" "${small[@]}"
+            ray_stop
+        done
+    fi
+    # several presets: run_one wrote each one's .tgz as it ended; one preset: loose files
     if [ "$#" -eq 1 ]; then copy_out "$outdir" "$out" "$@"; fi
     cat "$out/verl_runs.txt"
+}
+
+# One `aqn-rs run PRESET --engine verl`, cut at RUN_TIMEOUT s, then its probe checked and its
+# files copied to $out (as a .tgz when several presets run).
+run_one() {
+    local p=$1 outdir=$2 out=$3 model=$4 data=$5 steps=$6 gpus=$7
+    shift 7
+    local cmd t0=$SECONDS rc=0
+    # shellcheck disable=SC2206
+    cmd=("$PY" -m aqn_rs.experiments.cli run "$p" --engine verl --gpus "$gpus" --model "$model"
+         --data "$data" --output "$outdir" --steps "$steps" "$@" ${RUN_ARGS:-})
+    # PROBE=1 (default), or a comma list of the presets to probe: the plugin records the syncs of
+    # steps 0..PROBE_STEPS and the vLLM workers' live weights, checked after the run
+    # (aqn_rs/integrations/verl_probe.py)
+    if [ "${PROBE:-1}" = 1 ] || [[ ",${PROBE:-}," == *",$p,"* ]]; then
+        local pd=$outdir/$p/probe
+        [[ $pd == /* ]] || pd=$PWD/$pd
+        rm -rf "$pd"
+        export AQN_RS_PROBE_DIR=$pd AQN_RS_PROBE_STEPS=${PROBE_STEPS:-2}
+    else
+        unset AQN_RS_PROBE_DIR AQN_RS_PROBE_STEPS
+    fi
+    echo "== $p: ${cmd[*]}"
+    timeout -k 30 "${RUN_TIMEOUT:-500}" "${cmd[@]}" > "$outdir/$p.log" 2>&1 || rc=$?
+    echo "$p: exit $rc, wall $((SECONDS - t0)) s" | tee -a "$outdir/$p.log" >> "$out/verl_runs.txt"
+    echo "== $p: the log's last 40 lines"
+    tr '\r' '\n' < "$outdir/$p.log" | tail -n 40
+    mkdir -p "$outdir/$p"
+    tr '\r' '\n' < "$outdir/$p.log" | tail -n 3000 > "$outdir/$p/log.tail"
+    if [ -f "$outdir/$p/summary.json" ]; then cat "$outdir/$p/summary.json"; echo; fi
+    if [ -n "${AQN_RS_PROBE_DIR:-}" ] && [ -d "$AQN_RS_PROBE_DIR" ]; then
+        echo "== $p: probe (the rollout's weights read back from vLLM)"
+        "$PY" -m aqn_rs.integrations.verl_probe "$AQN_RS_PROBE_DIR" 2>&1 | tee "$outdir/$p/probe.txt" || true
+        cp "$AQN_RS_PROBE_DIR/probe_report.json" "$outdir/$p/" 2>/dev/null || true
+        ls -la "$AQN_RS_PROBE_DIR" | head -30
+        rm -rf "$AQN_RS_PROBE_DIR"  # GBs of weights
+    fi
+    # each preset's files as soon as it ends (a background run may be cut before the last)
+    if [ "${NPRESETS:-1}" -gt 1 ]; then copy_out "$outdir" "$out" "$p"; fi
 }
 
 # --dry-run of one run, then its overrides composed on verl's own ppo_trainer config with Hydra
@@ -578,9 +633,28 @@ bg() {
     local o=$STASH/out
     if [ -f "$o/bg.pid" ] && kill -0 "$(cat "$o/bg.pid")" 2>/dev/null; then die "a background run is going on (pid $(cat "$o/bg.pid"))"; fi
     rm -rf "$o" && mkdir -p "$o"
-    OUT=$o setsid nohup bash "$SELF" run "$@" > "$o/bg.log" 2>&1 < /dev/null &
+    OUT=$o setsid nohup bash "$SELF" bg-body "$@" > "$o/bg.log" 2>&1 < /dev/null &
     echo $! > "$o/bg.pid"
     echo "== background run of $* started (pid $(cat "$o/bg.pid")); poll: bash scripts/verl_stack.sh wait-bg"
+}
+
+# What `bg` runs: the presets, then (EXPORT_AFTER=PRESET) the export check on that run's trained
+# model: the huggingface/ folder of its last checkpoint (SAVE_HF=1 saves it).
+bg_body() {
+    local rc=0 ck
+    run "$@" || rc=$?
+    if [ -n "${EXPORT_AFTER:-}" ]; then
+        ck=$(find "${OUTPUT:-runs/verl}/$EXPORT_AFTER/checkpoints" -maxdepth 3 -path '*/global_step_*/actor/huggingface' \
+             -type d 2>/dev/null | sort -V | tail -n 1)
+        if [ -n "$ck" ] && [ -n "$(find "$ck" -maxdepth 1 -name '*.safetensors' | head -1)" ]; then
+            echo "== export check on the trained model of $EXPORT_AFTER: $ck"
+            MODEL=$ck export_check ${EXPORT_ARGS:-} || rc=$?
+        else
+            echo "== EXPORT_AFTER=$EXPORT_AFTER: no checkpoint with safetensors under ${OUTPUT:-runs/verl}/$EXPORT_AFTER/checkpoints (SAVE_HF=1?)"
+            rc=1
+        fi
+    fi
+    return "$rc"
 }
 
 wait_bg() {
@@ -639,6 +713,7 @@ case "${1:-}" in
     run) shift; run "$@" ;;
     export-check) shift; export_check "$@" ;;
     bg) shift; bg "$@" ;;
+    bg-body) shift; bg_body "$@" ;;
     wait-bg) shift; wait_bg "$@" ;;
     *) sed -n '2,45p' "$0"; exit 2 ;;
 esac

@@ -880,6 +880,46 @@ def test_dry_run_commands_compose_against_verl_hydra_config(name, gpus, cmd):
     assert conf.trainer.total_epochs == 3 and conf.algorithm.adv_estimator == "grpo"
 
 
+@needs_verl
+@pytest.mark.parametrize("env,want", [
+    ({}, ["actor_rollout_ref.rollout.gpu_memory_utilization=0.4", "trainer.save_freq=-1"]),
+    ({"PARALLEL": "1", "SAVE_HF": "1"},
+     ["actor_rollout_ref.rollout.gpu_memory_utilization=0.2",
+      "+actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes=2147483648",
+      "trainer.save_freq=6", "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]"]),
+], ids=["sequential", "parallel-save"])
+def test_verl_stack_small_settings_compose_against_verl(env, want, tmp_path):
+    """scripts/verl_stack.sh's GPU-machine settings (DRY_RUN): the command it would start, composed
+    on verl's own Hydra config and checked by validate_config; the one-GPU memory knobs and the
+    checkpoint that the trained-model export reads are what the run gets (a later --set wins)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    e = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, STASH=str(tmp_path / "stash"), STEPS="6",
+             OUTPUT=str(tmp_path / "runs"), **env)
+    for k in ("PARALLEL", "SAVE_HF", "GPU_MEM", "KV_BYTES", "RUN_ARGS", "MODEL", "DATA"):
+        if k not in env:
+            e.pop(k, None)
+    r = subprocess.run(["bash", str(root / "scripts" / "verl_stack.sh"), "run", "nvfp4"], cwd=root, env=e,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "hydra compose + validate_config ok" in r.stdout and "plugin on" in r.stdout
+    argv = shlex.split(r.stdout.split("command:\n", 1)[1].strip().splitlines()[0])
+    overrides = argv[argv.index("verl.trainer.main_ppo") + 1:]
+    last = {}
+    for o in overrides:  # Hydra applies them in order: the last one of a key is what the run gets
+        k, _, v = o.partition("=")
+        last[k] = v
+    for w in want:
+        k, _, v = w.partition("=")
+        assert last.get(k) == v, (k, last.get(k), v)
+    assert last["trainer.total_training_steps"] == "6" and last["trainer.test_freq"] == "3"
+    assert last["actor_rollout_ref.rollout.n"] == "8" and last["data.max_response_length"] == "128"
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole actor path on a transformers Qwen2 under FSDP2 (scripts/verl_gpu_check.py, CPU)
 # ---------------------------------------------------------------------------------------------
