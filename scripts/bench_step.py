@@ -177,6 +177,36 @@ def measure(model, opt, batch, args, name, micro):
         undo()
 
 
+def profile_step(model, opt, batch, args) -> dict:
+    """One step of each of none / w4a16-nvfp4 / w4a16-mxfp4 at one micro-batch under torch's
+    profiler (after two warm-up steps): CUDA kernel launches per step and where the host time
+    goes; the quantized step's extra launches and host ops are what its overhead is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name in ("none", "w4a16-nvfp4", "w4a16-mxfp4"):
+        after_step, undo = attach(model, name)
+        try:
+            time_steps(model, opt, batch, 0, 1, args.device, after_step)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                time_steps(model, opt, batch, -1, 1, args.device, after_step)
+        finally:
+            undo()
+        ev = prof.key_averages()
+        cuda = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
+        out[name] = {"kernels": sum(e.count for e in cuda),
+                     "cuda_ms": sum(e.self_device_time_total for e in cuda) / 1e3}
+        print(f"== profile {name}: {out[name]['kernels']} CUDA kernel/memcpy events per step, "
+              f"{out[name]['cuda_ms']:.2f} ms of device time", flush=True)
+        if name != "none":
+            print(ev.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), flush=True)
+            mine = sorted((e for e in cuda if "fake_quant" in e.key or "amax" in e.key or "fp4" in e.key.lower()),
+                          key=lambda e: -e.self_device_time_total)
+            for e in mine[:8]:
+                print(f"   kernel {e.key[:70]:<70} x{e.count:<4} {e.self_device_time_total / 1e3:8.3f} ms")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -192,6 +222,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 4], help="micro-batch counts (each divides --batch)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one step of none / nvfp4 / mxfp4 at micro-batch 1 first (launches, host time)")
     args = ap.parse_args(argv)
     if any(m < 1 or args.batch % m for m in args.micro):
         ap.error(f"each --micro must divide --batch {args.batch}: got {args.micro}")
@@ -206,6 +238,7 @@ def main(argv=None) -> dict:
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
 
+    prof = profile_step(model, opt, batch, args) if args.profile else None
     rows, skipped = [], {}
     for r in range(1, args.rounds + 1):
         for micro in args.micro:
@@ -243,7 +276,7 @@ def main(argv=None) -> dict:
         cells = [summary[str(m)][name] for m in args.micro]
         print(f"{name:<22}" + "".join(f"{c['ms']:>12.2f} ({100 * (c['ratio'] - 1):+5.1f}%)" for c in cells))
     result = {"card": card, "params": nparams, "args": vars(args), "order": ORDER,
-              "rows": rows, "summary": summary, "skipped": skipped}
+              "rows": rows, "summary": summary, "skipped": skipped, "profile": prof}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
