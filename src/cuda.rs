@@ -370,12 +370,15 @@ mod imp {
                     if !unsafe { sys::is_culib_present() } {
                         return Err("no CUDA driver (libcuda.so) found on this machine".into());
                     }
+                    // The message alone: a Debug dump (`Runtime("...")`) is no message.
+                    let msg = |e: Error| match e {
+                        Error::Runtime(m) | Error::Value(m) | Error::Type(m) => m,
+                    };
                     // SAFETY: plain driver calls with valid out-pointers.
                     unsafe {
-                        check("cuInit", sys::cuInit(0)).map_err(|e| format!("{e:?}"))?;
+                        check("cuInit", sys::cuInit(0)).map_err(msg)?;
                         let mut n = 0i32;
-                        check("cuDeviceGetCount", sys::cuDeviceGetCount(&mut n))
-                            .map_err(|e| format!("{e:?}"))?;
+                        check("cuDeviceGetCount", sys::cuDeviceGetCount(&mut n)).map_err(msg)?;
                         Ok(n)
                     }
                 })
