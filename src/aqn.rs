@@ -13,7 +13,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyString, PyTuple, PyType};
 
-use crate::CoreError;
+use crate::error::Error;
 
 /// Layer type names, in canonical order.
 const LAYER_TYPES: [&str; 3] = ["linear", "rmsnorm", "embedding"];
@@ -124,7 +124,7 @@ impl PyModuleSelector {
         let exclude = exclude.unwrap_or_else(|| DEFAULT_EXCLUDE.map(String::from).to_vec());
         let layer_types = layer_types.unwrap_or_else(|| vec!["linear".into()]);
         let inner =
-            CoreSelector::new(include.as_deref(), &exclude, &layer_types).map_err(CoreError)?;
+            CoreSelector::new(include.as_deref(), &exclude, &layer_types).map_err(Error::Core)?;
         let layer_types = inner
             .layer_types()
             .iter()
@@ -331,7 +331,7 @@ fn build_schedule(
     zero_first_stage: bool,
     enabled: bool,
 ) -> PyResult<SigmaSchedule> {
-    let decay: Decay = decay.parse().map_err(CoreError)?;
+    let decay: Decay = decay.parse().map_err(Error::Core)?;
     Ok(SigmaSchedule::new(
         float_arg(sigma_start, "sigma_start")?,
         float_arg(sigma_end, "sigma_end")?,
@@ -341,7 +341,7 @@ fn build_schedule(
         zero_first_stage,
         enabled,
     )
-    .map_err(CoreError)?)
+    .map_err(Error::Core)?)
 }
 
 /// A mapping (dict, omegaconf DictConfig, ...) as a dict of str keys.
@@ -653,7 +653,7 @@ fn noise_fill_f32(
     let mut arr = crate::readwrite::<f32>(out, "out", "float32")?;
     let os = crate::as_slice_mut(&mut arr)?;
     py.detach(|| noise::fill_gaussian(key, step, offset, sigma as f32, os))
-        .map_err(CoreError)?;
+        .map_err(Error::Core)?;
     Ok(())
 }
 

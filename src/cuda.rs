@@ -23,8 +23,10 @@
 // A CPU-only build keeps the argument checks but has nothing to launch.
 #![cfg_attr(not(aqn_cuda), allow(dead_code))]
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+use crate::error::{Error, Result};
 
 /// Floats of the per-CTA amax scratch that Python allocates for NVFP4 without a given amax
 /// (and for `amax`); the amax kernel never launches more CTAs than this.
@@ -35,29 +37,6 @@ const NOT_BUILT: &str = "aqn_rs was built without CUDA kernels (AQN_NO_CUDA=1 or
 build time); reinstall with them: `pip install --force-reinstall --no-binary aqn-rs aqn-rs` \
 (nvcc comes from the nvidia-cuda-nvcc build requirement; set AQN_REQUIRE_CUDA=1 to make a \
 build without kernels fail instead of falling back to the CPU)";
-
-/// The one error type of this module and its one mapping to Python (STYLE.md 3).
-#[derive(Debug)]
-enum Error {
-    /// The driver failed, or the kernels/driver are missing: RuntimeError.
-    Runtime(String),
-    /// A pointer, size, device or argument value is wrong: ValueError.
-    Value(String),
-    /// Unsupported dtype: TypeError.
-    Type(String),
-}
-
-impl From<Error> for PyErr {
-    fn from(e: Error) -> PyErr {
-        match e {
-            Error::Runtime(m) => PyRuntimeError::new_err(m),
-            Error::Value(m) => PyValueError::new_err(m),
-            Error::Type(m) => PyTypeError::new_err(m),
-        }
-    }
-}
-
-type Result<T> = std::result::Result<T, Error>;
 
 /// Element dtype of a tensor, as `_cuda.py` spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,9 +113,7 @@ fn mode_number(fmt: Fmt, mode: &str) -> Result<i32> {
     if fmt == Fmt::Nvfp4 {
         return Ok(0); // NVFP4 has one rule; the mode argument is ignored
     }
-    let m: aqn_core::ScaleMode = mode
-        .parse()
-        .map_err(|e: aqn_core::Error| Error::Value(e.to_string()))?;
+    let m: aqn_core::ScaleMode = mode.parse()?;
     Ok(match m {
         aqn_core::ScaleMode::Floor => 0,
         aqn_core::ScaleMode::Rceil => 1,
@@ -147,8 +124,7 @@ fn mode_number(fmt: Fmt, mode: &str) -> Result<i32> {
 
 /// The `[rows, k]` view: checks that the sizes multiply without overflow.
 fn numel(rows: u64, k: u64) -> Result<usize> {
-    let layout = aqn_core::Layout::from_shape(&[rows as usize, k as usize], 1)
-        .map_err(|e| Error::Value(e.to_string()))?;
+    let layout = aqn_core::Layout::from_shape(&[rows as usize, k as usize], 1)?;
     Ok(layout.numel())
 }
 
@@ -167,7 +143,7 @@ fn amax_source(amax_ptr: u64, amax_value: Option<f32>, scratch: u64) -> Result<A
     match (amax_ptr != 0, amax_value, scratch != 0) {
         (true, None, false) => Ok(AmaxSource::Device { ptr: amax_ptr }),
         (false, Some(v), false) => {
-            aqn_core::nvfp4::validate_amax(v).map_err(|e| Error::Value(e.to_string()))?;
+            aqn_core::nvfp4::validate_amax(v)?;
             Ok(AmaxSource::Host { value: v })
         }
         (false, None, true) => Ok(AmaxSource::Compute { scratch }),
@@ -343,11 +319,11 @@ mod imp {
                 unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
             }
         };
-        Error::Runtime(format!(
-            "CUDA driver call {call} failed: {} ({})",
-            s(name),
-            s(desc)
-        ))
+        Error::Driver {
+            call: call.to_owned(),
+            name: s(name),
+            desc: s(desc),
+        }
     }
 
     fn check(call: &str, r: sys::CUresult) -> Result<()> {
@@ -360,7 +336,7 @@ mod imp {
 
     /// cuInit once; the device count, or why the driver is unusable.
     fn driver() -> Result<i32> {
-        static DRIVER: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
+        static DRIVER: OnceLock<Result<i32>> = OnceLock::new();
         DRIVER
             .get_or_init(|| {
                 // A missing symbol in an old libcuda panics inside cudarc's loader: keep it
@@ -368,24 +344,25 @@ mod imp {
                 std::panic::catch_unwind(|| {
                     // SAFETY: only probes whether libcuda can be dlopen'ed.
                     if !unsafe { sys::is_culib_present() } {
-                        return Err("no CUDA driver (libcuda.so) found on this machine".into());
+                        return Err(Error::Runtime(
+                            "no CUDA driver (libcuda.so) found on this machine".into(),
+                        ));
                     }
-                    // The message alone: a Debug dump (`Runtime("...")`) is no message.
-                    let msg = |e: Error| match e {
-                        Error::Runtime(m) | Error::Value(m) | Error::Type(m) => m,
-                    };
                     // SAFETY: plain driver calls with valid out-pointers.
                     unsafe {
-                        check("cuInit", sys::cuInit(0)).map_err(msg)?;
+                        check("cuInit", sys::cuInit(0))?;
                         let mut n = 0i32;
-                        check("cuDeviceGetCount", sys::cuDeviceGetCount(&mut n)).map_err(msg)?;
+                        check("cuDeviceGetCount", sys::cuDeviceGetCount(&mut n))?;
                         Ok(n)
                     }
                 })
-                .unwrap_or_else(|_| Err("the CUDA driver could not be loaded (panic)".into()))
+                .unwrap_or_else(|_| {
+                    Err(Error::Runtime(
+                        "the CUDA driver could not be loaded (panic)".into(),
+                    ))
+                })
             })
             .clone()
-            .map_err(Error::Runtime)
     }
 
     pub fn available() -> bool {
@@ -450,12 +427,10 @@ mod imp {
         // SAFETY: a valid fatbin image in memory that outlives the call (the driver copies it).
         let r = unsafe { sys::cuModuleLoadData(&mut module, aligned.as_ptr() as *const c_void) };
         if r != sys::CUresult::CUDA_SUCCESS {
-            let Error::Runtime(m) = driver_error("cuModuleLoadData", r) else {
-                unreachable!()
-            };
             return Err(Error::Runtime(format!(
-                "loading the {what} kernels failed: {m}; this build carries SASS for {} \
+                "loading the {what} kernels failed: {}; this build carries SASS for {} \
                  (and PTX for the lowest)",
+                driver_error("cuModuleLoadData", r),
                 env!("AQN_CUDA_ARCHS")
             )));
         }
@@ -472,13 +447,8 @@ mod imp {
         Ok(Func(f))
     }
 
+    /// Sets up device `ordinal`, which `device` has checked exists.
     fn init_device(ordinal: i32) -> Result<Device> {
-        let count = driver()?;
-        if ordinal < 0 || ordinal >= count {
-            return Err(Error::Value(format!(
-                "CUDA device {ordinal} does not exist ({count} visible)"
-            )));
-        }
         let mut dev: sys::CUdevice = 0;
         let mut ctx: sys::CUcontext = std::ptr::null_mut();
         let mut sms = 0i32;
@@ -554,21 +524,18 @@ mod imp {
 
     fn device(ordinal: i32) -> Result<&'static Device> {
         #[allow(clippy::declare_interior_mutable_const)]
-        const UNINIT: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
-        static DEVICES: [OnceLock<std::result::Result<Device, String>>; MAX_DEVICES] =
-            [UNINIT; MAX_DEVICES];
+        const UNINIT: OnceLock<Result<Device>> = OnceLock::new();
+        static DEVICES: [OnceLock<Result<Device>>; MAX_DEVICES] = [UNINIT; MAX_DEVICES];
         let count = driver()?;
         if ordinal < 0 || ordinal >= count || ordinal as usize >= MAX_DEVICES {
             return Err(Error::Value(format!(
                 "CUDA device {ordinal} does not exist ({count} visible)"
             )));
         }
-        let slot = DEVICES[ordinal as usize].get_or_init(|| {
-            init_device(ordinal).map_err(|e| match e {
-                Error::Runtime(m) | Error::Value(m) | Error::Type(m) => m,
-            })
-        });
-        slot.as_ref().map_err(|m| Error::Runtime(m.clone()))
+        // A failed initialization (a driver call or a module load: RuntimeError) is cached and
+        // raised again on every later call for this device.
+        let slot = DEVICES[ordinal as usize].get_or_init(|| init_device(ordinal));
+        slot.as_ref().map_err(Error::clone)
     }
 
     /// The stream must belong to the device's primary context (torch's streams do).
@@ -578,10 +545,10 @@ mod imp {
         // the current context, which the caller set); valid out-pointer.
         let r = unsafe { sys::cuStreamGetCtx(stream as sys::CUstream, &mut sctx) };
         if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(match driver_error("cuStreamGetCtx", r) {
-                Error::Runtime(m) => Error::Value(format!("invalid CUDA stream {stream:#x}: {m}")),
-                e => e,
-            });
+            return Err(Error::Value(format!(
+                "invalid CUDA stream {stream:#x}: {}",
+                driver_error("cuStreamGetCtx", r)
+            )));
         }
         if sctx != dev.ctx {
             return Err(Error::Value(format!(
@@ -641,10 +608,10 @@ mod imp {
                 )
             };
             if r != sys::CUresult::CUDA_SUCCESS {
-                return Err(match driver_error("cuPointerGetAttributes", r) {
-                    Error::Runtime(m) => Error::Value(format!("{what}: {m}")),
-                    e => e,
-                });
+                return Err(Error::Value(format!(
+                    "{what}: {}",
+                    driver_error("cuPointerGetAttributes", r)
+                )));
             }
             if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 && at != ptr {
                 return Err(Error::Value(format!(
@@ -962,8 +929,7 @@ mod imp {
                     a.gs_src = gs_ptr;
                 }
                 (false, Some(v)) => {
-                    aqn_core::nvfp4::validate_global_scale(v)
-                        .map_err(|e| Error::Value(e.to_string()))?;
+                    aqn_core::nvfp4::validate_global_scale(v)?;
                     a.gs_value = v;
                 }
                 _ => {

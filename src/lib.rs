@@ -10,36 +10,10 @@ use half::{bf16, f16};
 use numpy::{
     PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-create_exception!(
-    _aqn_rs,
-    AqnError,
-    PyException,
-    "Base class of aqn-rs errors that are neither a bad type nor a bad value."
-);
-
-/// The one mapping from core errors to Python exceptions (STYLE.md 3).
-struct CoreError(aqn_core::Error);
-
-impl From<aqn_core::Error> for CoreError {
-    fn from(e: aqn_core::Error) -> Self {
-        Self(e)
-    }
-}
-
-impl From<CoreError> for PyErr {
-    fn from(e: CoreError) -> PyErr {
-        use aqn_core::Error::*;
-        match e.0 {
-            err @ (Length { .. } | Shape(_) | Argument(_)) => {
-                PyValueError::new_err(err.to_string())
-            }
-        }
-    }
-}
+use error::{AqnError, Error};
 
 /// Element dtype of a buffer; numpy has no bf16, so the tag travels beside the array.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -228,15 +202,16 @@ macro_rules! with_float_out {
 mod aqn;
 mod cuda;
 mod dlpack;
+mod error;
 mod scan;
 
 fn parse_mode(s: &str) -> PyResult<ScaleMode> {
-    Ok(s.parse::<ScaleMode>().map_err(CoreError)?)
+    Ok(s.parse::<ScaleMode>().map_err(Error::Core)?)
 }
 
 fn check_amax(amax: Option<f32>) -> PyResult<()> {
     if let Some(a) = amax {
-        nvfp4::validate_amax(a).map_err(CoreError)?;
+        nvfp4::validate_amax(a).map_err(Error::Core)?;
     }
     Ok(())
 }
@@ -253,7 +228,7 @@ fn mxfp4_fake_quant(
     let (dtype, mode) = (Dtype::parse(dtype)?, parse_mode(scale_mode)?);
     with_float_io!(dtype, x, out, |xs, os, shape| {
         py.detach(|| mxfp4::fake_quant(mode, &shape, xs, os))
-            .map_err(CoreError)?;
+            .map_err(Error::Core)?;
         Ok(())
     })
 }
@@ -274,7 +249,7 @@ fn mxfp4_quantize(
     let (cs, ss) = (as_slice_mut(&mut ca)?, as_slice_mut(&mut sa)?);
     with_float_in!(dtype, x, "input", |xs, shape| {
         py.detach(|| mxfp4::quantize(mode, &shape, xs, cs, ss))
-            .map_err(CoreError)?;
+            .map_err(Error::Core)?;
         Ok(())
     })
 }
@@ -294,7 +269,7 @@ fn mxfp4_dequantize(
     let (cs, ss) = (as_slice(&ca)?, as_slice(&sa)?);
     with_float_out!(dtype, out, |os, shape| {
         py.detach(|| mxfp4::dequantize(&shape, cs, ss, os))
-            .map_err(CoreError)?;
+            .map_err(Error::Core)?;
         Ok(())
     })
 }
@@ -314,7 +289,7 @@ fn nvfp4_fake_quant(
     with_float_io!(dtype, x, out, |xs, os, shape| {
         Ok(py
             .detach(|| nvfp4::fake_quant(&shape, xs, amax, os))
-            .map_err(CoreError)?)
+            .map_err(Error::Core)?)
     })
 }
 
@@ -337,7 +312,7 @@ fn nvfp4_quantize(
     with_float_in!(dtype, x, "input", |xs, shape| {
         Ok(py
             .detach(|| nvfp4::quantize(&shape, xs, amax, cs, ss))
-            .map_err(CoreError)?)
+            .map_err(Error::Core)?)
     })
 }
 
@@ -357,7 +332,7 @@ fn nvfp4_dequantize(
     let (cs, ss) = (as_slice(&ca)?, as_slice(&sa)?);
     with_float_out!(dtype, out, |os, shape| {
         py.detach(|| nvfp4::dequantize(&shape, cs, ss, global_scale, os))
-            .map_err(CoreError)?;
+            .map_err(Error::Core)?;
         Ok(())
     })
 }

@@ -10,7 +10,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::{as_slice, readonly, CoreError, Dtype, FloatElem};
+use crate::error::Error;
+use crate::{as_slice, readonly, Dtype, FloatElem};
 
 /// The raw scan as a dict (see `aqn_core::scan::TensorScan` for every field).
 fn to_dict<'py>(
@@ -55,13 +56,13 @@ fn run<T: aqn_core::Element>(
     match format {
         "mxfp4" => Ok((
             py.detach(|| scan::scan_mxfp4(mode, shape, xs))
-                .map_err(CoreError)?,
+                .map_err(Error::Core)?,
             None,
         )),
         "nvfp4" => {
             let (st, gs) = py
                 .detach(|| scan::scan_nvfp4(shape, xs, amax))
-                .map_err(CoreError)?;
+                .map_err(Error::Core)?;
             Ok((st, Some(gs)))
         }
         _ => Err(PyValueError::new_err(format!(
@@ -86,7 +87,7 @@ fn scan_tensor<'py>(
     amax: Option<f32>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let dtype = Dtype::parse(dtype)?;
-    let mode = scale_mode.parse::<ScaleMode>().map_err(CoreError)?;
+    let mode = scale_mode.parse::<ScaleMode>().map_err(Error::Core)?;
     let (st, gs) = with_float_in!(dtype, x, "input", |xs, shape| run(
         py, xs, &shape, format, mode, amax
     )?);
