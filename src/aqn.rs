@@ -9,7 +9,6 @@
 use aqn_core::noise;
 use aqn_core::schedule::{Decay, SigmaSchedule};
 use aqn_core::selector::{self, LayerType, ModuleSelector as CoreSelector, DEFAULT_EXCLUDE};
-use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyString, PyTuple, PyType};
 
@@ -30,7 +29,7 @@ fn opt_strings(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<Ve
         return Ok(Some(vec![s.to_cow()?.into_owned()]));
     }
     let iter = obj.try_iter().map_err(|_| {
-        PyTypeError::new_err(format!(
+        Error::Type(format!(
             "{what}: expected a string or a list of strings, got {}",
             type_name(obj)
         ))
@@ -39,7 +38,7 @@ fn opt_strings(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<Ve
     for item in iter {
         let item = item?;
         let s = item.cast::<PyString>().map_err(|_| {
-            PyTypeError::new_err(format!(
+            Error::Type(format!(
                 "{what}: expected strings, got an item of type {}",
                 type_name(&item)
             ))
@@ -65,23 +64,18 @@ fn number_arg<T: std::str::FromStr>(
     extract: impl FnOnce(&Bound<'_, PyAny>) -> Option<T>,
 ) -> PyResult<T> {
     if obj.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(PyTypeError::new_err(format!(
-            "{what}: expected {kind}, got a bool"
-        )));
+        return Err(Error::Type(format!("{what}: expected {kind}, got a bool")).into());
     }
     if let Some(v) = extract(obj) {
         return Ok(v);
     }
     if let Ok(s) = obj.cast::<PyString>() {
         let s = s.to_cow()?;
-        return s.trim().parse::<T>().map_err(|_| {
-            PyValueError::new_err(format!("{what}: expected {kind}, got the string {s:?}"))
-        });
+        return Ok(s.trim().parse::<T>().map_err(|_| {
+            Error::Value(format!("{what}: expected {kind}, got the string {s:?}"))
+        })?);
     }
-    Err(PyTypeError::new_err(format!(
-        "{what}: expected {kind}, got {}",
-        type_name(obj)
-    )))
+    Err(Error::Type(format!("{what}: expected {kind}, got {}", type_name(obj))).into())
 }
 
 /// A float from a Python number or a numeric string.
@@ -97,9 +91,8 @@ fn int_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i128> {
 /// A u64 step, seed or offset; negative or too large values are a ValueError.
 fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     let v = int_arg(obj, what)?;
-    u64::try_from(v).map_err(|_| {
-        PyValueError::new_err(format!("{what} must be an integer in [0, 2**64), got {v}"))
-    })
+    Ok(u64::try_from(v)
+        .map_err(|_| Error::Value(format!("{what} must be an integer in [0, 2**64), got {v}")))?)
 }
 
 // -------------------------------------------------------------------------------------------
@@ -170,7 +163,7 @@ impl PyModuleSelector {
         let mut out = Vec::new();
         for item in named.try_iter()? {
             let (name, class_name): (String, String) = item?.extract().map_err(|_| {
-                PyTypeError::new_err("select: expected an iterable of (name, class_name) pairs")
+                Error::Type("select: expected an iterable of (name, class_name) pairs".into())
             })?;
             if self.inner.decide(&name, &class_name).0 {
                 out.push(name);
@@ -299,22 +292,24 @@ pub struct PySigmaScheduler {
 fn num_stages_arg(obj: &Bound<'_, PyAny>) -> PyResult<u32> {
     let v = int_arg(obj, "num_stages")?;
     if v < 1 {
-        return Err(PyValueError::new_err(format!(
+        return Err(Error::Value(format!(
             "invalid argument: num_stages must be >= 1, got {v}"
-        )));
+        ))
+        .into());
     }
-    u32::try_from(v).map_err(|_| PyValueError::new_err(format!("num_stages is too large: {v}")))
+    Ok(u32::try_from(v).map_err(|_| Error::Value(format!("num_stages is too large: {v}")))?)
 }
 
 fn total_steps_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     let v = int_arg(obj, "total_steps")?;
     if v < 1 {
-        return Err(PyValueError::new_err(format!(
+        return Err(Error::Value(format!(
             "invalid argument: total_steps must be in 1..=2^53, got {v}"
-        )));
+        ))
+        .into());
     }
-    u64::try_from(v)
-        .map_err(|_| PyValueError::new_err(format!("total_steps must be in 1..=2^53, got {v}")))
+    Ok(u64::try_from(v)
+        .map_err(|_| Error::Value(format!("total_steps must be in 1..=2^53, got {v}")))?)
 }
 
 fn step_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
@@ -355,7 +350,7 @@ fn as_dict<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyDi
         .getattr("dict")?
         .call1((obj,))
         .map_err(|_| {
-            PyTypeError::new_err(format!(
+            Error::Type(format!(
                 "{what}: expected a mapping, got {}",
                 type_name(obj)
             ))
@@ -367,9 +362,9 @@ fn bool_item(d: &Bound<'_, PyDict>, key: &str, default: bool) -> PyResult<bool> 
     match d.get_item(key)? {
         None => Ok(default),
         Some(v) if v.is_none() => Ok(default),
-        Some(v) => v.extract::<bool>().map_err(|_| {
-            PyTypeError::new_err(format!("{key}: expected a bool, got {}", type_name(&v)))
-        }),
+        Some(v) => Ok(v
+            .extract::<bool>()
+            .map_err(|_| Error::Type(format!("{key}: expected a bool, got {}", type_name(&v))))?),
     }
 }
 
@@ -385,14 +380,15 @@ impl PySigmaScheduler {
         for key in d.keys() {
             let k: String = key
                 .extract()
-                .map_err(|_| PyTypeError::new_err(format!("{what}: keys must be strings")))?;
+                .map_err(|_| Error::Type(format!("{what}: keys must be strings")))?;
             if !SCHEDULE_KEYS.contains(&k.as_str()) && !extra_ok.contains(&k.as_str()) {
                 let mut known: Vec<&str> = SCHEDULE_KEYS.to_vec();
                 known.extend_from_slice(extra_ok);
-                return Err(PyValueError::new_err(format!(
+                return Err(Error::Value(format!(
                     "{what}: unknown key {k:?}; known keys: {}",
                     known.join(", ")
-                )));
+                ))
+                .into());
             }
         }
         let enabled = bool_item(d, "enabled", true)?;
@@ -401,7 +397,7 @@ impl PySigmaScheduler {
             None => "exponential".into(),
             Some(v) => v
                 .extract()
-                .map_err(|_| PyTypeError::new_err("decay: expected a string"))?,
+                .map_err(|_| Error::Type("decay: expected a string".into()))?,
         };
         let py = d.py();
         fn get<'py>(
@@ -414,9 +410,10 @@ impl PySigmaScheduler {
             match d.get_item(key)? {
                 Some(v) if !v.is_none() => Ok(v),
                 _ if !enabled => Ok(disabled_default),
-                _ => Err(PyValueError::new_err(format!(
+                _ => Err(Error::Value(format!(
                     "{what}: missing key {key:?} (needed when enabled is true)"
-                ))),
+                ))
+                .into()),
             }
         }
         let zero = PyFloat::new(py, 0.0).into_any();
@@ -426,9 +423,9 @@ impl PySigmaScheduler {
         let num_stages = get(d, "num_stages", enabled, one, what)?;
         let total_steps = match total_steps {
             Some(t) => t.clone(),
-            None => d.get_item("total_steps")?.ok_or_else(|| {
-                PyValueError::new_err(format!("{what}: missing key \"total_steps\""))
-            })?,
+            None => d
+                .get_item("total_steps")?
+                .ok_or_else(|| Error::Value(format!("{what}: missing key \"total_steps\"")))?,
         };
         build_schedule(
             &sigma_start,
@@ -565,11 +562,12 @@ impl PySigmaScheduler {
         if let Some(v) = d.get_item("version")? {
             let v: u32 = v
                 .extract()
-                .map_err(|_| PyValueError::new_err("state_dict: version must be an integer"))?;
+                .map_err(|_| Error::Value("state_dict: version must be an integer".into()))?;
             if v != STATE_VERSION {
-                return Err(PyValueError::new_err(format!(
+                return Err(Error::Value(format!(
                     "state_dict: unsupported version {v}; this build reads version {STATE_VERSION}"
-                )));
+                ))
+                .into());
             }
         }
         self.inner = Self::from_mapping(&d, None, &["version"], "state_dict")?;
@@ -645,9 +643,9 @@ fn noise_fill_f32(
         None => 0,
     };
     if !(sigma.is_finite() && sigma >= 0.0) {
-        return Err(PyValueError::new_err(format!(
-            "sigma must be a finite number >= 0, got {sigma}"
-        )));
+        return Err(
+            Error::Value(format!("sigma must be a finite number >= 0, got {sigma}")).into(),
+        );
     }
     let key = noise::noise_key(seed, name);
     let mut arr = crate::readwrite::<f32>(out, "out", "float32")?;

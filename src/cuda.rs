@@ -23,7 +23,6 @@
 // A CPU-only build keeps the argument checks but has nothing to launch.
 #![cfg_attr(not(aqn_cuda), allow(dead_code))]
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::error::{Error, Result};
@@ -1253,16 +1252,17 @@ fn cuda_fake_quant_t(
         return Ok(false);
     }
     let ov =
-        crate::dlpack::view(py, out).ok_or_else(|| PyValueError::new_err("out is not a tensor"))?;
+        crate::dlpack::view(py, out).ok_or_else(|| Error::Value("out is not a tensor".into()))?;
     if ov.device.device_type != crate::dlpack::DL_CUDA
         || ov.device.device_id != xv.device.device_id
         || dt_of(ov.dtype) != Some(dt)
         || !ov.contiguous
         || ov.numel != xv.numel
     {
-        return Err(PyValueError::new_err(
-            "out must be a contiguous tensor of x's dtype, size and CUDA device",
-        ));
+        return Err(Error::Value(
+            "out must be a contiguous tensor of x's dtype, size and CUDA device".into(),
+        )
+        .into());
     }
     let Some(stream) = crate::dlpack::current_stream(py, xv.device.device_id) else {
         return Ok(false);
@@ -1411,9 +1411,9 @@ fn cuda_noise(
 ) -> PyResult<()> {
     let dt = Dt::parse(dtype)?;
     if !(sigma.is_finite() && sigma >= 0.0) {
-        return Err(PyValueError::new_err(format!(
-            "sigma must be a finite number >= 0, got {sigma}"
-        )));
+        return Err(
+            Error::Value(format!("sigma must be a finite number >= 0, got {sigma}")).into(),
+        );
     }
     let key = aqn_core::noise::noise_key(seed, name);
     #[cfg(aqn_cuda)]

@@ -10,7 +10,6 @@ use half::{bf16, f16};
 use numpy::{
     PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use error::{AqnError, Error};
@@ -24,12 +23,12 @@ enum Dtype {
 }
 
 impl Dtype {
-    fn parse(s: &str) -> PyResult<Self> {
+    fn parse(s: &str) -> error::Result<Self> {
         match s {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "f16" => Ok(Self::F16),
-            _ => Err(PyTypeError::new_err(format!(
+            _ => Err(Error::Type(format!(
                 "unsupported dtype {s:?}; expected \"f32\", \"bf16\" or \"f16\""
             ))),
         }
@@ -42,12 +41,12 @@ fn c_array<'a, 'py, T: numpy::Element>(
     obj: &'a Bound<'py, PyAny>,
     what: &str,
     want: &str,
-) -> PyResult<&'a Bound<'py, PyArrayDyn<T>>> {
-    let arr = obj.cast::<PyArrayDyn<T>>().map_err(|_| {
-        PyTypeError::new_err(format!("{what}: expected a numpy array of dtype {want}"))
-    })?;
+) -> error::Result<&'a Bound<'py, PyArrayDyn<T>>> {
+    let arr = obj
+        .cast::<PyArrayDyn<T>>()
+        .map_err(|_| Error::Type(format!("{what}: expected a numpy array of dtype {want}")))?;
     if !arr.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
+        return Err(Error::Value(format!(
             "{what}: expected a C-contiguous array (call .contiguous() / np.ascontiguousarray first)"
         )));
     }
@@ -58,7 +57,7 @@ fn readonly<'py, T: numpy::Element>(
     obj: &Bound<'py, PyAny>,
     what: &str,
     want: &str,
-) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+) -> error::Result<PyReadonlyArrayDyn<'py, T>> {
     Ok(c_array::<T>(obj, what, want)?.readonly())
 }
 
@@ -66,29 +65,29 @@ fn readwrite<'py, T: numpy::Element>(
     obj: &Bound<'py, PyAny>,
     what: &str,
     want: &str,
-) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
+) -> error::Result<PyReadwriteArrayDyn<'py, T>> {
     c_array::<T>(obj, what, want)?
         .try_readwrite()
-        .map_err(|e| PyValueError::new_err(format!("{what}: cannot write to this array ({e})")))
+        .map_err(|e| Error::Value(format!("{what}: cannot write to this array ({e})")))
 }
 
-fn as_slice<'a, T: numpy::Element>(a: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<&'a [T]> {
+fn as_slice<'a, T: numpy::Element>(a: &'a PyReadonlyArrayDyn<'_, T>) -> error::Result<&'a [T]> {
     a.as_slice()
-        .map_err(|e| PyValueError::new_err(format!("array is not contiguous: {e}")))
+        .map_err(|e| Error::Value(format!("array is not contiguous: {e}")))
 }
 
 fn as_slice_mut<'a, T: numpy::Element>(
     a: &'a mut PyReadwriteArrayDyn<'_, T>,
-) -> PyResult<&'a mut [T]> {
+) -> error::Result<&'a mut [T]> {
     a.as_slice_mut()
-        .map_err(|e| PyValueError::new_err(format!("array is not contiguous: {e}")))
+        .map_err(|e| Error::Value(format!("array is not contiguous: {e}")))
 }
 
-fn same_shape(a: &[usize], b: &[usize]) -> PyResult<()> {
+fn same_shape(a: &[usize], b: &[usize]) -> error::Result<()> {
     if a == b {
         Ok(())
     } else {
-        Err(PyValueError::new_err(format!(
+        Err(Error::Value(format!(
             "output shape {b:?} does not match input shape {a:?}"
         )))
     }

@@ -6,7 +6,6 @@ use aqn_core::scan::{self, TensorScan};
 use aqn_core::ScaleMode;
 use half::{bf16, f16};
 use numpy::PyUntypedArrayMethods;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -65,9 +64,10 @@ fn run<T: aqn_core::Element>(
                 .map_err(Error::Core)?;
             Ok((st, Some(gs)))
         }
-        _ => Err(PyValueError::new_err(format!(
+        _ => Err(Error::Value(format!(
             "unknown format {format:?}; expected \"mxfp4\" or \"nvfp4\""
-        ))),
+        ))
+        .into()),
     }
 }
 
