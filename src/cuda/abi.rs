@@ -4,14 +4,19 @@
 //! MXFP4 mode numbers) and the kernel names. This file is the one owner of that contract on
 //! the Rust side: the driver, launch and op code use these items, never their own numbers.
 //!
-//! Plain `std` only: build.rs compiles this file too and hands the layout and constants to
-//! nvcc, so the CUDA side can `static_assert` its structs and constants against them.
+//! Plain `std` only: build.rs compiles this file too and writes [`ARGS_LAYOUT`],
+//! [`NOISE_ARGS_LAYOUT`] and [`CONSTANTS`] into the header `aqn_abi.h` that nvcc sees, where
+//! cuda/abi.cuh's `static_assert`s check the C structs and constants against them. A field
+//! added, moved or retyped to another size on one side only, or a constant changed on one
+//! side only, fails the build instead of corrupting a launch.
 
 /// Floats of the per-CTA amax scratch that Python allocates for NVFP4 without a given amax
 /// (and for `amax`); the amax pass never launches more CTAs than this, so `amax_partials_*`
 /// writes at most this many partials and `n_amax` never exceeds it.
 pub const AMAX_SCRATCH: usize = 1024;
 
+/// Bytes per vector load/store of the vector kernels (a `uint4`).
+pub const VEC_BYTES: usize = 16;
 /// Threads per CTA of the element kernels (`__launch_bounds__` of every
 /// `<op>_<format>_<dtype>[_scalar]` kernel: more would fail to launch).
 pub const VEC_THREADS: u32 = 256;
@@ -61,7 +66,7 @@ impl Dt {
     }
     /// Elements per 16-byte vector in the vector kernels (`Dtype<T>::EPV`).
     pub fn epv(self) -> usize {
-        16 / self.size()
+        VEC_BYTES / self.size()
     }
 }
 
@@ -183,3 +188,95 @@ pub struct NoiseArgs {
     pub sigma: f32,
     pub pad: i32,
 }
+
+/// A kernel's by-value parameter block.
+///
+/// # Safety
+/// Implemented only for `#[repr(C)]` structs whose layout is asserted against the CUDA
+/// struct of the same name (below and in cuda/abi.cuh): `cuLaunchKernel` copies
+/// `size_of::<Self>()` bytes from the pointer it is given into the kernel's parameter.
+pub unsafe trait KernelParam: Copy {}
+// SAFETY: `Args` is #[repr(C)] and its layout is asserted against `aqn::Args` (ARGS_LAYOUT).
+unsafe impl KernelParam for Args {}
+// SAFETY: as for Args, against `aqn_noise::NoiseArgs` (NOISE_ARGS_LAYOUT).
+unsafe impl KernelParam for NoiseArgs {}
+
+/// The C layout of a parameter block: what build.rs writes into `aqn_abi.h` as
+/// `AQN_ABI_<name>_SIZE`, `AQN_ABI_<name>_ALIGN` and `AQN_ABI_<name>_<field>` (offsets).
+// Read by build.rs, which compiles this file too; the extension needs only the asserts.
+#[allow(dead_code)]
+pub struct CLayout {
+    pub name: &'static str,
+    pub size: usize,
+    pub align: usize,
+    pub fields: &'static [(&'static str, usize)],
+}
+
+/// A [`CLayout`] of struct `$S` with the given size, alignment and field offsets, each
+/// asserted at compile time against the Rust struct itself (`size_of`, `align_of`,
+/// `offset_of!`). Both blocks have no padding, so a field missing from the list (or added to
+/// the struct) changes the size and fails the size assert.
+macro_rules! c_layout {
+    ($S:ident, size $size:literal, align $align:literal, [$($field:ident: $off:literal),* $(,)?]) => {{
+        assert!(std::mem::size_of::<$S>() == $size);
+        assert!(std::mem::align_of::<$S>() == $align);
+        $(assert!(std::mem::offset_of!($S, $field) == $off);)*
+        CLayout {
+            name: stringify!($S),
+            size: $size,
+            align: $align,
+            fields: &[$((stringify!($field), $off)),*],
+        }
+    }};
+}
+
+/// The layout of `Args` (and so of `aqn::Args`).
+// Read by build.rs, which compiles this file too; the extension needs only the asserts.
+#[allow(dead_code)]
+pub const ARGS_LAYOUT: CLayout = c_layout!(Args, size 88, align 8, [
+    x: 0,
+    out: 8,
+    codes: 16,
+    scales: 24,
+    amax_src: 32,
+    gs_out: 40,
+    gs_src: 48,
+    rows: 56,
+    k: 64,
+    n_amax: 72,
+    amax_value: 76,
+    gs_value: 80,
+    mode: 84,
+]);
+
+/// The layout of `NoiseArgs` (and so of `aqn_noise::NoiseArgs`).
+// Read by build.rs, which compiles this file too; the extension needs only the asserts.
+#[allow(dead_code)]
+pub const NOISE_ARGS_LAYOUT: CLayout = c_layout!(NoiseArgs, size 48, align 8, [
+    out: 0,
+    n: 8,
+    offset: 16,
+    key: 24,
+    step: 32,
+    sigma: 40,
+    pad: 44,
+]);
+
+/// The launch constants under their CUDA names, written into `aqn_abi.h` as `AQN_ABI_<name>`.
+// Read by build.rs, which compiles this file too; the extension needs only the asserts.
+#[allow(dead_code)]
+pub const CONSTANTS: [(&str, i64); 13] = [
+    ("VEC_BYTES", VEC_BYTES as i64),
+    ("VEC_THREADS", VEC_THREADS as i64),
+    ("VEC_UNROLL", VEC_UNROLL as i64),
+    ("AMAX_THREADS", AMAX_THREADS as i64),
+    ("AMAX_UNROLL", AMAX_UNROLL as i64),
+    ("FINALIZE_THREADS", FINALIZE_THREADS as i64),
+    ("NOISE_THREADS", NOISE_THREADS as i64),
+    ("MXFP4_BLOCK", MXFP4_BLOCK as i64),
+    ("NVFP4_BLOCK", NVFP4_BLOCK as i64),
+    ("MX_FLOOR", MX_FLOOR as i64),
+    ("MX_RCEIL", MX_RCEIL as i64),
+    ("MX_EVEN", MX_EVEN as i64),
+    ("MX_CEIL", MX_CEIL as i64),
+];

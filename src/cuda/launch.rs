@@ -8,7 +8,8 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 
 use super::abi::{
-    Args, Dt, Fmt, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL, VEC_THREADS, VEC_UNROLL,
+    Args, Dt, Fmt, KernelParam, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL, VEC_THREADS,
+    VEC_UNROLL,
 };
 use super::args::AmaxSource;
 use super::driver::{check, device, CtxGuard, Device, Func};
@@ -75,14 +76,14 @@ impl Launch {
 
     /// `A` is the kernel's one by-value parameter: `Args` for the FP4 kernels,
     /// `NoiseArgs` for the noise kernels.
-    pub fn launch<A>(&self, f: Func, grid: u64, block: u32, args: &A) -> Result<()> {
+    pub fn launch<A: KernelParam>(&self, f: Func, grid: u64, block: u32, args: &A) -> Result<()> {
         let grid = grid.clamp(1, i32::MAX as u64) as u32;
         let mut params: [*mut c_void; 1] = [args as *const A as *mut c_void];
-        // SAFETY: every kernel takes one struct by value, which `A` mirrors (#[repr(C)],
-        // same field order and types: `aqn::Args` <-> Args, `aqn_noise::NoiseArgs`
-        // <-> NoiseArgs, and the callers pair each kernel with its own); every pointer in it
-        // was checked above to be device memory of this device covering what the kernel
-        // touches; the stream belongs to the current context.
+        // SAFETY: every kernel takes one struct by value, which `A` mirrors (`KernelParam`:
+        // #[repr(C)], layout asserted against the CUDA struct at build time; `aqn::Args` <->
+        // Args, `aqn_noise::NoiseArgs` <-> NoiseArgs, and the callers pair each kernel with
+        // its own); every pointer in it was checked above to be device memory of this device
+        // covering what the kernel touches; the stream belongs to the current context.
         let r = unsafe {
             sys::cuLaunchKernel(
                 f.0,
