@@ -1,0 +1,22 @@
+//! Python binding of the AQN side of aqn-core; converts arguments and errors only, the rules
+//! live in `aqn_core::{selector, schedule, noise}` and `docs/NOISE.md`:
+//!
+//! - `selector`: `ModuleSelector` and `LAYER_TYPES`;
+//! - `schedule`: `SigmaScheduler` and `DECAYS`;
+//! - `noise`: the counter-based Gaussian noise and its building blocks;
+//! - `args`: the lenient conversion of config values the three share.
+
+use pyo3::prelude::*;
+
+mod args;
+mod noise;
+mod schedule;
+mod selector;
+
+/// Register the AQN classes and functions on the extension module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    selector::register(m)?;
+    schedule::register(m)?;
+    noise::register(m)?;
+    Ok(())
+}
