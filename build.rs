@@ -212,7 +212,8 @@ fn main() {
         .map(|s| s.split_whitespace().map(String::from).collect())
         .unwrap_or_default();
 
-    // Both sources at once (2 cores here; nvcc is mostly single-threaded).
+    // All sources at once: nvcc is mostly single-threaded, so they overlap on any machine
+    // with more than one core.
     let mut children = Vec::new();
     for name in SOURCES {
         let src = src_dir.join(format!("{name}.cu"));

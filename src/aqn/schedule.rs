@@ -68,7 +68,6 @@ fn step_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     u64_arg(obj, "step")
 }
 
-#[allow(clippy::too_many_arguments)]
 fn build_schedule(
     sigma_start: &Bound<'_, PyAny>,
     sigma_end: &Bound<'_, PyAny>,

@@ -153,6 +153,8 @@ fn cuda_probe_overhead(
 /// rows, k, then the NVFP4 amax source: amax_ptr (device f32, 0 = none), amax_value (host
 /// float or None), scratch (AMAX_SCRATCH f32 to reduce into, 0 = none) — exactly one.
 #[pyfunction]
+// The Python signature: _cuda.py passes each buffer, size and option as its own argument
+// (no Python object groups them), and the stub _aqn_rs.pyi documents them one by one.
 #[allow(clippy::too_many_arguments)]
 fn cuda_fake_quant(
     fmt: &str,
@@ -178,6 +180,7 @@ fn cuda_fake_quant(
 
 /// The common tail of `cuda_fake_quant` and `cuda_fake_quant_t`: the NVFP4 amax source
 /// (checked after everything else), then the launch.
+// The parsed arguments of cuda_fake_quant / cuda_fake_quant_t, passed on one for one.
 #[allow(clippy::too_many_arguments)]
 fn fake_quant_launch(
     fmt: Fmt,
@@ -216,6 +219,8 @@ fn fake_quant_launch(
 /// takes its attribute-reading path, which raises the right error. The amax arguments are
 /// those of `cuda_fake_quant`.
 #[pyfunction]
+// The Python signature: _cuda.py passes each buffer, size and option as its own argument
+// (no Python object groups them), and the stub _aqn_rs.pyi documents them one by one.
 #[allow(clippy::too_many_arguments)]
 fn cuda_fake_quant_t(
     py: Python<'_>,
@@ -276,6 +281,8 @@ fn cuda_fake_quant_t(
 /// bytes (`rows * ceil(k/block)`); NVFP4 also writes the f32 global scale at `gs_out`.
 /// The amax arguments are those of `cuda_fake_quant`.
 #[pyfunction]
+// The Python signature: _cuda.py passes each buffer, size and option as its own argument
+// (no Python object groups them), and the stub _aqn_rs.pyi documents them one by one.
 #[allow(clippy::too_many_arguments)]
 fn cuda_quantize(
     fmt: &str,
@@ -321,6 +328,8 @@ fn cuda_quantize(
 /// device global scale that is not finite and positive gives NaN (it cannot raise without
 /// a host sync).
 #[pyfunction]
+// The Python signature: _cuda.py passes each buffer, size and option as its own argument
+// (no Python object groups them), and the stub _aqn_rs.pyi documents them one by one.
 #[allow(clippy::too_many_arguments)]
 fn cuda_dequantize(
     fmt: &str,
@@ -355,7 +364,6 @@ fn cuda_dequantize(
 /// Max |x| over `n` elements at `x` into the f32 at `out` (NaN if any NaN, 0 if n == 0),
 /// using `scratch` (AMAX_SCRATCH f32) for the per-CTA partials.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
 fn cuda_amax(
     dtype: &str,
     device: i32,
@@ -381,6 +389,8 @@ fn cuda_amax(
 /// `z * float32(sigma)` cast to `dtype`, into `n` elements at `out`: the CUDA twin of
 /// `noise_fill_f32`, bit for bit.
 #[pyfunction]
+// The Python signature: _cuda.py passes each buffer, size and option as its own argument
+// (no Python object groups them), and the stub _aqn_rs.pyi documents them one by one.
 #[allow(clippy::too_many_arguments)]
 fn cuda_noise(
     dtype: &str,

@@ -10,6 +10,8 @@ use super::launch::{pick, Launch};
 use super::ptr::{check_ptr, check_stream};
 use crate::error::{Error, Result};
 
+// One parameter per argument of the Python entry point it serves, already parsed:
+// a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub fn fake_quant(
     fmt: Fmt,
@@ -51,6 +53,8 @@ pub fn fake_quant(
     l.launch_elem(f, grid, &a)
 }
 
+// One parameter per argument of the Python entry point it serves, already parsed:
+// a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize(
     fmt: Fmt,
@@ -92,6 +96,8 @@ pub fn quantize(
     l.launch_elem(f, grid, &a)
 }
 
+// One parameter per argument of the Python entry point it serves, already parsed:
+// a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub fn dequantize(
     fmt: Fmt,
@@ -202,6 +208,8 @@ pub fn amax(
 
 /// Elements `offset .. offset + n` of the noise of `(key, step)`, `z * sigma` cast to
 /// `dt`, written to `out` (docs/NOISE.md). One thread per block of four elements.
+// One parameter per argument of the Python entry point it serves, already parsed:
+// a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub fn noise(
     dt: Dt,

@@ -1,7 +1,7 @@
 //! Module selection: which modules of a model are quantized or noised, and which rule decided.
 //!
-//! Normative rules: `shared/DESIGN.md`, "Module selection". A module is described by its
-//! qualified name (as `named_modules()` yields it) and its class name; no torch is needed, so
+//! These are the normative rules; the Python side only forwards to them. A module is described
+//! by its qualified name (as `named_modules()` yields it) and its class name; no torch is needed, so
 //! the same selector serves transformers models (`model.layers.3.self_attn.q_proj`) and vLLM
 //! models (fused `qkv_proj`, `gate_up_proj`, `vllm...layernorm.RMSNorm`).
 //!
@@ -23,9 +23,9 @@ mod pattern;
 
 pub use pattern::{Glob, Pattern};
 
-/// The kinds of module a selector can pick, decided from the class name alone so that vLLM's
-/// classes count without importing vLLM (DESIGN.md: "match norms by class name, not by
-/// `isinstance` on HF classes").
+/// The kinds of module a selector can pick, decided from the class name alone: vLLM's norm and
+/// linear classes are not subclasses of the transformers/torch ones, so an `isinstance` test on
+/// those would miss them, and a name test needs no vLLM import.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LayerType {
     /// `nn.Linear` and every class whose name ends in `Linear` (vLLM's `ColumnParallelLinear`,
@@ -140,7 +140,8 @@ impl fmt::Display for Rule {
     }
 }
 
-/// The default exclusions: production recipes never quantize or noise these (DESIGN.md).
+/// The default exclusions: production recipes never quantize or noise the output head and the
+/// token embedding.
 pub const DEFAULT_EXCLUDE: [&str; 2] = ["lm_head", "embed_tokens"];
 
 /// Include/exclude patterns plus layer types; see the module docs for the decision order.
