@@ -5,13 +5,11 @@
 
 use aqn_core::scan::{self, TensorScan};
 use aqn_core::ScaleMode;
-use half::{bf16, f16};
-use numpy::PyUntypedArrayMethods;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::buffer::{with_float_in, Dtype};
 use crate::error::Error;
-use crate::{as_slice, readonly, Dtype, FloatElem};
 
 /// The raw scan as a dict (see `aqn_core::scan::TensorScan` for every field).
 fn to_dict<'py>(

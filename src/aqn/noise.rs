@@ -33,8 +33,8 @@ fn noise_fill_f32(
         );
     }
     let key = noise::noise_key(seed, name);
-    let mut arr = crate::readwrite::<f32>(out, "out", "float32")?;
-    let os = crate::as_slice_mut(&mut arr)?;
+    let mut arr = crate::buffer::readwrite::<f32>(out, "out", "float32")?;
+    let os = crate::buffer::as_slice_mut(&mut arr)?;
     py.detach(|| noise::fill_gaussian(key, step, offset, sigma as f32, os))
         .map_err(Error::Core)?;
     Ok(())

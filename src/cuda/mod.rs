@@ -6,15 +6,15 @@
 //! and reads their pointers and torch's current stream through DLPack's C exchange API
 //! (`crate::dlpack`); the pointers it reads are checked like any other.
 //!
-//! - [`abi`]: the kernel ABI (argument blocks, launch constants, kernel names), one owner;
-//! - [`args`]: the Python arguments, checked before any driver call;
+//! - `abi`: the kernel ABI (argument blocks, launch constants, kernel names), one owner;
+//! - `args`: the Python arguments, checked before any driver call;
 //! - `driver`: the driver loaded at run time, each device's primary context and kernels;
 //! - `ptr`: stream and pointer validation (device memory of the right device, fully mapped);
 //! - `launch`: one call's checked context, grids, the amax pass and dependent launch;
 //! - `ops`: each op's buffer checks, argument block and launch;
 //! - `tuning`: the benchmark's launch knobs.
 //!
-//! Every failure is an [`Error`] (RuntimeError for the driver, ValueError for bad
+//! Every failure is an `Error` (RuntimeError for the driver, ValueError for bad
 //! pointers/sizes/arguments, TypeError for dtypes); nothing panics. Built without kernels
 //! (`AQN_NO_CUDA=1`, or no nvcc), only `abi` and `args` are compiled: the same functions
 //! exist, check their arguments and raise RuntimeError, so `aqn_rs._cuda` imports everywhere.
