@@ -7,6 +7,7 @@
 //! - `args`: the lenient conversion of config values the three share.
 
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 mod args;
 mod noise;
@@ -15,8 +16,11 @@ mod selector;
 
 /// Register the AQN classes and functions on the extension module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    selector::register(m)?;
-    schedule::register(m)?;
+    // Both classes, then their name tuples: the order `_aqn_rs.__all__` has always had.
+    m.add_class::<selector::PyModuleSelector>()?;
+    m.add_class::<schedule::PySigmaScheduler>()?;
+    m.add("LAYER_TYPES", PyTuple::new(m.py(), selector::LAYER_TYPES)?)?;
+    m.add("DECAYS", PyTuple::new(m.py(), schedule::DECAYS)?)?;
     noise::register(m)?;
     Ok(())
 }

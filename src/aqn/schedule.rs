@@ -10,7 +10,7 @@ use super::args::{float_arg, int_arg, type_name, u64_arg};
 use crate::error::Error;
 
 /// Decay names.
-const DECAYS: [&str; 4] = ["exponential", "linear", "cosine", "constant"];
+pub const DECAYS: [&str; 4] = ["exponential", "linear", "cosine", "constant"];
 
 /// Keys of the plan's `noise_injection` block that configure `AqnNoise` rather than the
 /// schedule; `from_config` accepts and ignores them.
@@ -368,11 +368,4 @@ impl PySigmaScheduler {
             .into_pyobject(py)?;
         Ok((slf.get_type(), args))
     }
-}
-
-/// Registers `SigmaScheduler` and `DECAYS`.
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PySigmaScheduler>()?;
-    m.add("DECAYS", PyTuple::new(m.py(), DECAYS)?)?;
-    Ok(())
 }

@@ -9,7 +9,7 @@ use super::args::opt_strings;
 use crate::error::Error;
 
 /// Layer type names, in canonical order.
-const LAYER_TYPES: [&str; 3] = ["linear", "rmsnorm", "embedding"];
+pub const LAYER_TYPES: [&str; 3] = ["linear", "rmsnorm", "embedding"];
 
 /// Decides which modules are quantized or noised, from qualified names and class names.
 #[pyclass(module = "aqn_rs._aqn_rs", name = "ModuleSelector", frozen)]
@@ -166,11 +166,4 @@ impl PyModuleSelector {
             .into_pyobject(py)?;
         Ok((slf.get_type(), args))
     }
-}
-
-/// Registers `ModuleSelector` and `LAYER_TYPES`.
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyModuleSelector>()?;
-    m.add("LAYER_TYPES", PyTuple::new(m.py(), LAYER_TYPES)?)?;
-    Ok(())
 }
