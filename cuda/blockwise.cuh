@@ -12,7 +12,7 @@
 //
 // Two shapes of each kernel:
 // - `*_vec`: the tensor viewed as a flat run of blocks (needs k % BLOCK == 0 and 16-byte
-//   aligned element pointers; src/cuda.rs checks). Each thread owns 16-byte vectors (EPV
+//   aligned element pointers; src/cuda/launch.rs checks). Each thread owns 16-byte vectors (EPV
 //   elements), BLOCK / EPV consecutive lanes share one block and combine their amax with
 //   shuffles; loads and stores are 16 bytes wide and coalesced across the warp; U vectors per
 //   thread are loaded before the first is used, to keep enough bytes in flight.
@@ -32,6 +32,8 @@ struct Scale {
 
 constexpr int VEC_THREADS = 256;  // block size of the *_vec and *_scalar kernels
 constexpr int VEC_UNROLL = 4;     // 16-byte vectors per thread per iteration
+AQN_ABI_CONST(VEC_THREADS);
+AQN_ABI_CONST(VEC_UNROLL);
 
 // Fake-quantized value of one finite element f of a block with scale s: the E2M1 grid value
 // of |scaled(f)| times dec, with f's sign (decode(code) * dec in blockwise.rs; the code's sign

@@ -1,6 +1,6 @@
 // Shared device helpers of the FP4 kernels: the element and scale codecs of docs/FORMATS.md
 // (mirroring crates/aqn-core/src/formats.rs), the dtype traits (element.rs), and the launch
-// argument block shared with src/cuda.rs.
+// argument block shared with src/cuda/abi.rs.
 //
 // Exactness rules (FORMATS.md "Notation"): every f32 operation is an explicitly rounded
 // intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn) so that no FMA contraction or approximate
@@ -12,11 +12,13 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "abi.cuh"
+
 namespace aqn {
 
 // ---------------------------------------------------------------------------------------
-// Launch arguments. One block for every kernel, passed by value; src/cuda.rs has the
-// #[repr(C)] mirror (`KernelArgs`). Keep the two in the same order.
+// Launch arguments. One block for every kernel, passed by value; src/cuda/abi.rs owns the
+// layout (its #[repr(C)] `Args`), checked field by field below.
 struct Args {
     const void* x;          // input elements (fake_quant, quantize, amax)
     void* out;              // output elements (fake_quant, dequantize) or f32 partials/amax
@@ -32,6 +34,20 @@ struct Args {
     float gs_value;         // NVFP4 dequantize: host-given global scale (when gs_src is null)
     int mode;               // MXFP4 scale mode: 0 floor, 1 rceil, 2 even, 3 ceil
 };
+AQN_ABI_STRUCT(Args);
+AQN_ABI_FIELD(Args, x);
+AQN_ABI_FIELD(Args, out);
+AQN_ABI_FIELD(Args, codes);
+AQN_ABI_FIELD(Args, scales);
+AQN_ABI_FIELD(Args, amax_src);
+AQN_ABI_FIELD(Args, gs_out);
+AQN_ABI_FIELD(Args, gs_src);
+AQN_ABI_FIELD(Args, rows);
+AQN_ABI_FIELD(Args, k);
+AQN_ABI_FIELD(Args, n_amax);
+AQN_ABI_FIELD(Args, amax_value);
+AQN_ABI_FIELD(Args, gs_value);
+AQN_ABI_FIELD(Args, mode);
 
 // A 16-byte read-only load for a pass that reads each byte once and keeps nothing: no L1
 // allocation, and a 256-byte L2 prefetch. In the amax pass of 16-bit tensors it took NVFP4
@@ -256,6 +272,14 @@ template <>
 struct Dtype<__nv_bfloat16> : Dtype16<Bf16Impl> {};
 template <>
 struct Dtype<__half> : Dtype16<F16Impl> {};
+
+// The host sizes grids and checks alignment for 16-byte vectors of EPV elements.
+constexpr int VEC_BYTES = 16;
+AQN_ABI_CONST(VEC_BYTES);
+static_assert(Dtype<float>::EPV * sizeof(float) == VEC_BYTES, "f32 vector is not 16 bytes");
+static_assert(Dtype<__nv_bfloat16>::EPV * sizeof(__nv_bfloat16) == VEC_BYTES,
+              "bf16 vector is not 16 bytes");
+static_assert(Dtype<__half>::EPV * sizeof(__half) == VEC_BYTES, "f16 vector is not 16 bytes");
 
 // Canonical f32 from |x| max bits (NaN -> canonical NaN).
 __device__ __forceinline__ float amax_from_bits(uint32_t m) {

@@ -4,8 +4,12 @@
 
 namespace aqn {
 
-// Scale modes, numbered as src/cuda.rs passes them (Args::mode).
+// Scale modes, numbered as src/cuda/abi.rs passes them (Args::mode).
 enum MxMode : int { MX_FLOOR = 0, MX_RCEIL = 1, MX_EVEN = 2, MX_CEIL = 3 };
+AQN_ABI_CONST(MX_FLOOR);
+AQN_ABI_CONST(MX_RCEIL);
+AQN_ABI_CONST(MX_EVEN);
+AQN_ABI_CONST(MX_CEIL);
 
 // Exact ceil(log2(d)) for a positive finite f32 (subnormals included); -127 for 0.
 __device__ __forceinline__ int ceil_log2(float d) {
@@ -60,6 +64,10 @@ struct MxRule {
         return true;
     }
 };
+
+// The host sizes scale buffers and picks the vector kernel by this block size.
+constexpr int MXFP4_BLOCK = MxRule::BLOCK;
+AQN_ABI_CONST(MXFP4_BLOCK);
 
 struct MxRuleOf {
     __device__ __forceinline__ static MxRule make(const Args& a) { return MxRule{a.mode}; }

@@ -12,9 +12,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "abi.cuh"
+
 namespace aqn_noise {
 
-// Launch arguments; mirrors `NoiseArgs` in src/cuda.rs field by field.
+// Launch arguments; src/cuda/abi.rs owns the layout (its #[repr(C)] `NoiseArgs`), checked
+// field by field below.
 struct NoiseArgs {
     void* out;                 // n elements of the output dtype
     unsigned long long n;      // elements to write
@@ -24,6 +27,17 @@ struct NoiseArgs {
     float sigma;               // float32(sigma)
     int pad;
 };
+AQN_ABI_STRUCT(NoiseArgs);
+AQN_ABI_FIELD(NoiseArgs, out);
+AQN_ABI_FIELD(NoiseArgs, n);
+AQN_ABI_FIELD(NoiseArgs, offset);
+AQN_ABI_FIELD(NoiseArgs, key);
+AQN_ABI_FIELD(NoiseArgs, step);
+AQN_ABI_FIELD(NoiseArgs, sigma);
+AQN_ABI_FIELD(NoiseArgs, pad);
+
+constexpr int NOISE_THREADS = 256;  // block size of noise_*
+AQN_ABI_CONST(NOISE_THREADS);
 
 constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
 constexpr uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
@@ -146,7 +160,7 @@ __device__ __forceinline__ void noise(const NoiseArgs& a) {
 }  // namespace aqn_noise
 
 #define AQN_NOISE_KERNEL(T, DT)                                                     \
-    extern "C" __global__ void __launch_bounds__(256) noise_##DT(const aqn_noise::NoiseArgs a) { \
+    extern "C" __global__ void __launch_bounds__(aqn_noise::NOISE_THREADS) noise_##DT(const aqn_noise::NoiseArgs a) { \
         aqn_noise::noise<T>(a);                                                     \
     }
 AQN_NOISE_KERNEL(float, f32)

@@ -13,6 +13,10 @@ namespace aqn {
 
 constexpr int AMAX_THREADS = 512;  // block size of amax_partials_*
 constexpr int AMAX_UNROLL = 4;  // 16-byte loads per thread per iteration (8: same time on H100)
+constexpr int FINALIZE_THREADS = 32;  // amax_finalize: one warp
+AQN_ABI_CONST(AMAX_THREADS);
+AQN_ABI_CONST(AMAX_UNROLL);
+AQN_ABI_CONST(FINALIZE_THREADS);
 
 // Encode-direction global scale (nvfp4.rs `global_scale`): (1 / max(A, tiny)) * 2688,
 // reciprocal first as torch evaluates `2688 / tensor`; 1.0 for NaN or a non-finite/zero result.
@@ -44,6 +48,10 @@ struct NvRule {
         return true;
     }
 };
+
+// The host sizes scale buffers and picks the vector kernel by this block size.
+constexpr int NVFP4_BLOCK = NvRule::BLOCK;
+AQN_ABI_CONST(NVFP4_BLOCK);
 
 // Programmatic dependent launch (sm_90+): the amax pass lets the quantizing kernel start
 // early (`launch_dependents`), whose CTAs issue their first loads of x and then wait here for
@@ -158,9 +166,9 @@ AQN_AMAX_KERNEL(__nv_bfloat16, bf16)
 AQN_AMAX_KERNEL(__half, f16)
 
 // Folds n_amax partials into out[0] (0 for none): the `amax` op's second launch. One warp.
-extern "C" __global__ void __launch_bounds__(32) amax_finalize(const aqn::Args a) {
+extern "C" __global__ void __launch_bounds__(aqn::FINALIZE_THREADS) amax_finalize(const aqn::Args a) {
     uint32_t m = 0;
-    for (int i = threadIdx.x; i < a.n_amax; i += 32) m = max(m, aqn::f2u(a.amax_src[i]));
+    for (int i = threadIdx.x; i < a.n_amax; i += aqn::FINALIZE_THREADS) m = max(m, aqn::f2u(a.amax_src[i]));
     m = aqn::group_max<32>(m);
     if (threadIdx.x == 0) static_cast<float*>(a.out)[0] = aqn::amax_from_bits(m);
 }

@@ -1,16 +1,15 @@
 //! Python binding of `aqn_core::scan` (the SRDD scanner's metric reductions): converts the
 //! input buffer and returns the raw sums and counts as a dict; `python/aqn_rs/scan.py` derives
-//! the metrics from them. The GIL is released around the pass (STYLE.md 4).
+//! the metrics from them. The GIL is released around the pass, so other Python threads run
+//! while a large tensor is scanned.
 
 use aqn_core::scan::{self, TensorScan};
 use aqn_core::ScaleMode;
-use half::{bf16, f16};
-use numpy::PyUntypedArrayMethods;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::{as_slice, readonly, CoreError, Dtype, FloatElem};
+use crate::buffer::{with_float_in, Dtype};
+use crate::error::Error;
 
 /// The raw scan as a dict (see `aqn_core::scan::TensorScan` for every field).
 fn to_dict<'py>(
@@ -55,18 +54,19 @@ fn run<T: aqn_core::Element>(
     match format {
         "mxfp4" => Ok((
             py.detach(|| scan::scan_mxfp4(mode, shape, xs))
-                .map_err(CoreError)?,
+                .map_err(Error::Core)?,
             None,
         )),
         "nvfp4" => {
             let (st, gs) = py
                 .detach(|| scan::scan_nvfp4(shape, xs, amax))
-                .map_err(CoreError)?;
+                .map_err(Error::Core)?;
             Ok((st, Some(gs)))
         }
-        _ => Err(PyValueError::new_err(format!(
+        _ => Err(Error::Value(format!(
             "unknown format {format:?}; expected \"mxfp4\" or \"nvfp4\""
-        ))),
+        ))
+        .into()),
     }
 }
 
@@ -86,7 +86,7 @@ fn scan_tensor<'py>(
     amax: Option<f32>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let dtype = Dtype::parse(dtype)?;
-    let mode = scale_mode.parse::<ScaleMode>().map_err(CoreError)?;
+    let mode = scale_mode.parse::<ScaleMode>().map_err(Error::Core)?;
     let (st, gs) = with_float_in!(dtype, x, "input", |xs, shape| run(
         py, xs, &shape, format, mode, amax
     )?);

@@ -1,6 +1,6 @@
 //! The AQN sigma schedule: QeRL's staged decay of the noise standard deviation.
 //!
-//! Normative rule (`shared/DESIGN.md`, "AQN"), from QeRL's `trl_trainer/noise_scheduler.py`
+//! The normative rule, from QeRL's `trl_trainer/noise_scheduler.py`
 //! (`get_sigma_by_step`) and `trl_trainer/grpo_trainer.py` (the `sigma_trend` line), in f64:
 //!
 //! ```text

@@ -1,0 +1,252 @@
+//! The host side of each CUDA op: check the op's buffers against its sizes, fill the kernel's
+//! argument block, pick the kernel (vector or scalar) and its grid, and launch. One function
+//! per Python entry point of `mod.rs`, arguments already parsed (`args.rs`).
+
+use cudarc::driver::sys;
+
+use super::abi::{Args, Dt, Fmt, NoiseArgs, Op, FINALIZE_THREADS, NOISE_THREADS, VEC_THREADS};
+use super::args::{numel, AmaxSource};
+use super::launch::{pick, Launch};
+use super::ptr::{check_ptr, check_stream};
+use crate::error::{Error, Result};
+
+// One parameter per argument of the Python entry point it serves, already parsed:
+// a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+pub fn fake_quant(
+    fmt: Fmt,
+    mode: i32,
+    dt: Dt,
+    ordinal: i32,
+    stream: u64,
+    x: u64,
+    out: u64,
+    rows: u64,
+    k: u64,
+    amax: Option<AmaxSource>,
+) -> Result<()> {
+    let n = numel(rows, k)? as u64;
+    let l = Launch::new(ordinal, stream)?;
+    let bytes = n * dt.size() as u64;
+    l.ptr("x", x, bytes, dt.size() as u64)?;
+    l.ptr("out", out, bytes, dt.size() as u64)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let mut a = Args::new(rows, k);
+    a.x = x;
+    a.out = out;
+    a.mode = mode;
+    if fmt == Fmt::Nvfp4 {
+        let src = amax.ok_or_else(|| Error::Value("NVFP4 needs an amax source".into()))?;
+        l.nv_amax(&mut a, src, dt, n)?;
+    }
+    let (f, grid) = pick(
+        &l,
+        Op::FakeQuant,
+        fmt,
+        dt,
+        rows,
+        k,
+        (x | out).is_multiple_of(16),
+    );
+    l.launch_elem(f, grid, &a)
+}
+
+// One parameter per argument of the Python entry point it serves, already parsed:
+// a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize(
+    fmt: Fmt,
+    mode: i32,
+    dt: Dt,
+    ordinal: i32,
+    stream: u64,
+    x: u64,
+    codes: u64,
+    scales: u64,
+    gs_out: u64,
+    rows: u64,
+    k: u64,
+    amax: Option<AmaxSource>,
+) -> Result<()> {
+    let n = numel(rows, k)? as u64;
+    let b = fmt.block() as u64;
+    let l = Launch::new(ordinal, stream)?;
+    l.ptr("x", x, n * dt.size() as u64, dt.size() as u64)?;
+    l.ptr("codes", codes, rows * k.div_ceil(2), 1)?;
+    l.ptr("scales", scales, rows * k.div_ceil(b), 1)?;
+    let mut a = Args::new(rows, k);
+    a.x = x;
+    a.codes = codes;
+    a.scales = scales;
+    a.mode = mode;
+    if fmt == Fmt::Nvfp4 {
+        l.ptr("global_scale", gs_out, 4, 4)?;
+        a.gs_out = gs_out;
+        let src = amax.ok_or_else(|| Error::Value("NVFP4 needs an amax source".into()))?;
+        l.nv_amax(&mut a, src, dt, n)?;
+    } else if n == 0 {
+        return Ok(());
+    }
+    // An empty NVFP4 tensor still launches one CTA: it writes the global scale.
+    let code_align = (dt.epv() / 2) as u64;
+    let aligned = x.is_multiple_of(16) && codes.is_multiple_of(code_align);
+    let (f, grid) = pick(&l, Op::Quantize, fmt, dt, rows, k, aligned);
+    l.launch_elem(f, grid, &a)
+}
+
+// One parameter per argument of the Python entry point it serves, already parsed:
+// a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize(
+    fmt: Fmt,
+    dt: Dt,
+    ordinal: i32,
+    stream: u64,
+    codes: u64,
+    scales: u64,
+    gs_ptr: u64,
+    gs_value: Option<f32>,
+    out: u64,
+    rows: u64,
+    k: u64,
+) -> Result<()> {
+    let n = numel(rows, k)? as u64;
+    let b = fmt.block() as u64;
+    let l = Launch::new(ordinal, stream)?;
+    l.ptr("codes", codes, rows * k.div_ceil(2), 1)?;
+    l.ptr("scales", scales, rows * k.div_ceil(b), 1)?;
+    l.ptr("out", out, n * dt.size() as u64, dt.size() as u64)?;
+    let mut a = Args::new(rows, k);
+    a.codes = codes;
+    a.scales = scales;
+    a.out = out;
+    if fmt == Fmt::Nvfp4 {
+        match (gs_ptr != 0, gs_value) {
+            (true, None) => {
+                l.ptr("global_scale", gs_ptr, 4, 4)?;
+                a.gs_src = gs_ptr;
+            }
+            (false, Some(v)) => {
+                aqn_core::nvfp4::validate_global_scale(v)?;
+                a.gs_value = v;
+            }
+            _ => {
+                return Err(Error::Value(
+                    "NVFP4 dequantize needs exactly one global scale (device or host)".into(),
+                ))
+            }
+        }
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let code_align = (dt.epv() / 2) as u64;
+    let aligned = out.is_multiple_of(16) && codes.is_multiple_of(code_align);
+    let (f, grid) = pick(&l, Op::Dequantize, fmt, dt, rows, k, aligned);
+    l.launch(f, grid, VEC_THREADS, &a)
+}
+
+pub fn probe_overhead(
+    ordinal: i32,
+    stream: u64,
+    ptr: u64,
+    reps: u32,
+) -> Result<(f64, f64, f64, f64)> {
+    let l = Launch::new(ordinal, stream)?;
+    l.ptr("probe", ptr, 4, 4)?;
+    let reps = reps.max(1);
+    let per = |t: std::time::Instant| t.elapsed().as_nanos() as f64 / reps as f64;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        let mut c: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-pointer.
+        unsafe { sys::cuCtxGetCurrent(&mut c) };
+    }
+    let ctx_ns = per(t);
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        check_stream(l.dev, ordinal, stream)?;
+    }
+    let stream_ns = per(t);
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        check_ptr("probe", ptr, 4, 4, ordinal)?;
+    }
+    let ptr_ns = per(t);
+    let mut a = Args::new(1, 0);
+    a.out = ptr;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        l.launch(l.dev.amax_finalize, 1, FINALIZE_THREADS, &a)?;
+    }
+    let launch_ns = per(t);
+    Ok((ctx_ns, stream_ns, ptr_ns, launch_ns))
+}
+
+pub fn amax(
+    dt: Dt,
+    ordinal: i32,
+    stream: u64,
+    x: u64,
+    n: u64,
+    scratch: u64,
+    out: u64,
+) -> Result<()> {
+    let l = Launch::new(ordinal, stream)?;
+    l.ptr("x", x, n * dt.size() as u64, dt.size() as u64)?;
+    l.ptr("out", out, 4, 4)?;
+    let mut a = Args::new(1, 0);
+    a.out = out;
+    if n > 0 {
+        a.n_amax = l.amax_partials(dt, x, n, scratch)?;
+        a.amax_src = scratch;
+    }
+    l.launch(l.dev.amax_finalize, 1, FINALIZE_THREADS, &a)
+}
+
+/// Elements `offset .. offset + n` of the noise of `(key, step)`, `z * sigma` cast to
+/// `dt`, written to `out` (docs/NOISE.md). One thread per block of four elements.
+// One parameter per argument of the Python entry point it serves, already parsed:
+// a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+pub fn noise(
+    dt: Dt,
+    ordinal: i32,
+    stream: u64,
+    out: u64,
+    n: u64,
+    offset: u64,
+    key: u64,
+    step: u64,
+    sigma: f32,
+) -> Result<()> {
+    let l = Launch::new(ordinal, stream)?;
+    let bytes = n
+        .checked_mul(dt.size() as u64)
+        .ok_or_else(|| Error::Value(format!("noise: {n} elements overflow the byte count")))?;
+    l.ptr("out", out, bytes, dt.size() as u64)?;
+    if n == 0 {
+        return Ok(());
+    }
+    // The CPU path's rule (`fill_gaussian`): offset + n must fit in u64.
+    let last = offset.checked_add(n).map(|end| end - 1).ok_or_else(|| {
+        Error::Value(format!(
+            "noise element range overflows u64: offset {offset} + {n} elements"
+        ))
+    })?;
+    let blocks = (last >> 2) - (offset >> 2) + 1;
+    let a = NoiseArgs {
+        out,
+        n,
+        offset,
+        key,
+        step,
+        sigma,
+        pad: 0,
+    };
+    let cap = l.dev.sms as u64 * 16;
+    let grid = blocks.div_ceil(NOISE_THREADS as u64).min(cap).max(1);
+    l.launch(l.dev.noise[dt as usize], grid, NOISE_THREADS, &a)
+}
