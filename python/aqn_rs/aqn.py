@@ -30,7 +30,8 @@ import numpy as np
 
 from . import _aqn_rs
 from ._aqn_rs import SigmaScheduler
-from .selection import DEFAULT_EXCLUDE, ModuleSelector, canonical_name, class_name_of
+from .constants import APPLY_TO, DEFAULT_EXCLUDE
+from .selection import ModuleSelector, canonical_name, class_name_of
 
 __all__ = [
     "APPLY_TO",
@@ -40,7 +41,6 @@ __all__ = [
     "noise_key",
 ]
 
-APPLY_TO = ("actor", "rollout", "both")
 
 # ---------------------------------------------------------------------------------------------
 # The noise algorithm (docs/NOISE.md). Constants are given by their f32 bit patterns, the same

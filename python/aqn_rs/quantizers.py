@@ -18,10 +18,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from . import _aqn_rs
-
-MXFP4_BLOCK = 32
-NVFP4_BLOCK = 16
-SCALE_MODES = ("floor", "rceil", "even", "ceil")
+from .constants import DTYPE_TAGS, MXFP4_BLOCK, NVFP4_BLOCK, SCALE_MODES, TAG_DTYPES
 
 _NUMPY_TAGS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 _TAG_NUMPY = {"f32": np.float32, "f16": np.float16}
@@ -35,9 +32,8 @@ def _is_torch_tensor(x: Any) -> bool:
 def _torch_tag(t) -> str:
     import torch
 
-    tags = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
     try:
-        return tags[t.dtype]
+        return DTYPE_TAGS[str(t.dtype).removeprefix("torch.")]
     except KeyError:
         raise TypeError(
             f"unsupported dtype {t.dtype}; expected torch.float32, torch.bfloat16 or torch.float16"
@@ -47,7 +43,7 @@ def _torch_tag(t) -> str:
 def _torch_dtype(tag: str):
     import torch
 
-    return {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[tag]
+    return getattr(torch, TAG_DTYPES[tag])
 
 
 _VIEW_DTYPES = {"f32": np.float32, "bf16": np.uint16, "f16": np.uint16, "u8": np.uint8}

@@ -46,16 +46,16 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import _aqn_rs
-from .quantizers import MXFP4_BLOCK, NVFP4_BLOCK, SCALE_MODES, Mxfp4Quantizer, Nvfp4Quantizer
+from .constants import DEFAULT_EXCLUDE, E2M1_MAX, MXFP4_BLOCK, NVFP4_BLOCK, SAFETENSORS_DTYPES, SCALE_MODES
+from .quantizers import Mxfp4Quantizer, Nvfp4Quantizer
 
 SCHEMA = "aqn-rs.scan"
 SCHEMA_VERSION = 1
 QUANT_TYPES = ("mxfp4", "nvfp4", "all")
-DEFAULT_EXCLUDE = ("lm_head", "embed_tokens")
 DTYPES = ("keep", "bfloat16", "float16", "float32")
 
-# E2M1's largest magnitude: an element whose scaled value |x / d| exceeds it is clipped.
-F4_E2M1_MAX = 6.0
+# An element whose scaled value |x / d| exceeds E2M1's largest magnitude is clipped.
+F4_E2M1_MAX = E2M1_MAX
 # A probe counts as "in the deadzone" / "saturated" at a rung when at least this fraction of
 # the blocks zero / clip it: the median block's threshold (docs/SCANNER.md, "Gain scan").
 EDGE_FRACTION = 0.5
@@ -572,11 +572,7 @@ def resolve_model(path: Union[str, os.PathLike]) -> ModelSource:
                     "a .gguf file, a verl global_step_N/actor folder or a run folder with checkpoints/")
 
 
-_ST_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
+_ST_NAMES = SAFETENSORS_DTYPES
 
 
 class SafetensorsReader:

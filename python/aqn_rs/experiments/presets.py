@@ -19,14 +19,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ..constants import APPLY_TO, DECAYS, DEFAULT_EXCLUDE, INJECTION_POINTS, SCALE_MODES, STE_MODES, TRAIN_FORMATS
 from .errors import ExperimentError
 
-FORMATS = ("none", "mxfp4", "nvfp4")
-SCALE_MODES = ("floor", "rceil", "even", "ceil")
-INJECTION_POINTS = ("weight", "activation", "both")
+FORMATS = TRAIN_FORMATS
 NOISE_LAYERS = ("linear", "rmsnorm")
-APPLY_TO = ("actor", "rollout", "both")
-DECAYS = ("exponential", "constant", "linear", "cosine")
 MODES = ("full", "lora")
 
 # The plan's presets, in the order of its table (shared/DESIGN.md).
@@ -167,14 +164,14 @@ def validate(cfg: Dict[str, Any]) -> None:
     if fmt != "none":
         q.setdefault("injection_point", "weight")
         q.setdefault("layer_types", ["linear"])
-        q.setdefault("exclude", ["lm_head", "embed_tokens"])
+        q.setdefault("exclude", list(DEFAULT_EXCLUDE))
         q.setdefault("ste", "identity")
         if fmt == "mxfp4":
             q.setdefault("scale_mode", "floor")
             _need(q["scale_mode"] in SCALE_MODES, f"quantization.scale_mode must be one of {SCALE_MODES}, got {q['scale_mode']!r}")
         _need(q["injection_point"] in INJECTION_POINTS,
               f"quantization.injection_point must be one of {INJECTION_POINTS}, got {q['injection_point']!r}")
-        _need(q["ste"] in ("identity", "clipped"), f"quantization.ste must be identity or clipped, got {q['ste']!r}")
+        _need(q["ste"] in STE_MODES, f"quantization.ste must be identity or clipped, got {q['ste']!r}")
         _need(isinstance(q["exclude"], list), "quantization.exclude must be a list of patterns")
     cfg["quantization"] = q
 

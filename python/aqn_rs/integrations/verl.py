@@ -69,6 +69,9 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from ..constants import DEFAULT_EXCLUDE as _DEFAULT_EXCLUDE
+from ..constants import STE_MODES, TRAIN_FORMATS, VLLM_FUSED
+
 logger = logging.getLogger(__name__)
 
 PLUGIN = "aqn_rs.integrations.verl"
@@ -107,7 +110,8 @@ class VerlPluginError(RuntimeError):
 
 QUANT_BLOCK = "trainer.quantization"
 NOISE_BLOCK = "trainer.noise_injection"
-DEFAULT_EXCLUDE = ["lm_head", "embed_tokens"]
+# A list, as the config a user writes in YAML has it.
+DEFAULT_EXCLUDE = list(_DEFAULT_EXCLUDE)
 QUANT_DEFAULTS: Dict[str, Any] = {
     "format": "none",  # none | mxfp4 | nvfp4
     "scale_mode": "floor",  # MXFP4 only (docs/FORMATS.md)
@@ -132,8 +136,8 @@ NOISE_DEFAULTS: Dict[str, Any] = {
     "exclude": DEFAULT_EXCLUDE,
     "include": None,
 }
-_FORMATS = ("none", "mxfp4", "nvfp4")
-_STE_MODES = ("identity", "clipped")  # aqn_rs.hooks.STE_MODES (not imported: it needs torch)
+_FORMATS = TRAIN_FORMATS
+_STE_MODES = STE_MODES
 
 
 def _plain(x: Any) -> Any:
@@ -331,13 +335,6 @@ def _config_from_forwarded(node: Any) -> Optional[PluginConfig]:
 # Names: HF (actor, weight sync) and vLLM (rollout) modules
 # ---------------------------------------------------------------------------------------------
 
-# vLLM's fused Linear modules and the HF modules whose rows they stack, in order
-# (vLLM's stacked_params_mapping; aqn_rs.export.FUSED_GROUPS).
-VLLM_FUSED: Dict[str, Tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
-}
 _MEMBER_OF = {m: fused for fused, members in VLLM_FUSED.items() for m in members}
 _PEFT_PREFIX = "base_model.model."
 # PEFT's adapter modules: vLLM gets them unquantized and noise-free (add_lora), so the actor too.

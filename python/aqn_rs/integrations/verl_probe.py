@@ -38,6 +38,8 @@ import pathlib
 import sys
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from ..constants import VLLM_FUSED
+
 logger = logging.getLogger(__name__)
 
 ENV_DIR = "AQN_RS_PROBE_DIR"
@@ -166,8 +168,6 @@ def _bits_equal(a, b) -> bool:
 
 
 def _hf_members(vllm_name: str) -> Optional[List[str]]:
-    from .verl import VLLM_FUSED
-
     mod, _, leaf = vllm_name.rpartition(".")  # "...self_attn.qkv_proj", "weight"
     parent, _, fused = mod.rpartition(".")
     members = VLLM_FUSED.get(fused)
