@@ -13,7 +13,8 @@ The exact number formats are in docs/FORMATS.md; `aqn_rs.reference` is a pure-to
 implementation of the same rules that the tests compare against bit for bit.
 """
 
-from ._aqn_rs import AqnError, SigmaScheduler, __version__
+from ._aqn_rs import SigmaScheduler, __version__
+from .errors import AqnError
 from .aqn import AqnNoise, gaussian_noise
 from .selection import ModuleSelector
 from .quantizers import (

@@ -47,6 +47,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import _aqn_rs
 from .constants import DEFAULT_EXCLUDE, E2M1_MAX, MXFP4_BLOCK, NVFP4_BLOCK, SAFETENSORS_DTYPES, SCALE_MODES
+from .errors import ScanError
 from .quantizers import Mxfp4Quantizer, Nvfp4Quantizer
 
 SCHEMA = "aqn-rs.scan"
@@ -70,11 +71,6 @@ PROJ_TYPES = {
 PROJ_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up", "embed", "lm_head")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _FSDP_SHARD = re.compile(r"^model_world_size_\d+_rank_\d+\.pt$")
-
-
-class ScanError(ValueError):
-    """A scan cannot run: a bad path, a folder without weights, an FSDP shard folder, a bad
-    option. The message says what was found and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------

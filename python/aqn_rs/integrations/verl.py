@@ -71,6 +71,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 from ..constants import DEFAULT_EXCLUDE as _DEFAULT_EXCLUDE
 from ..constants import STE_MODES, TRAIN_FORMATS, VLLM_FUSED
+from ..errors import VerlPluginError
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +97,6 @@ __all__ = [
     "vllm_worker_apply",
     "vllm_worker_restore",
 ]
-
-
-class VerlPluginError(RuntimeError):
-    """The plugin cannot do what its config asks: a bad key or value, an unsupported verl
-    version or setting, or a process that did not import the plugin. The message names the
-    key, version or setting and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
