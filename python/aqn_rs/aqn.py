@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from . import _aqn_rs
+from . import _aqn_rs, _cuda
 from ._aqn_rs import SigmaScheduler
 from .constants import APPLY_TO, DEFAULT_EXCLUDE
 from .selection import ModuleSelector, canonical_name, class_name_of
@@ -239,8 +239,6 @@ def _reference_gaussian_eager(shape, seed, step, name, sigma, offset, device):
 
 
 def _cuda_kernels() -> bool:
-    from . import _cuda
-
     return _cuda.available()
 
 
@@ -253,8 +251,6 @@ def _cuda_gaussian(shape, seed, step, name, sigma, offset, device, dtype):
 
 def _cuda_gaussian_eager(shape, seed, step, name, sigma, offset, device, dtype):
     import torch
-
-    from . import _cuda
 
     seed, step, offset = _u64(seed, "seed"), _u64(step, "step"), _u64(offset, "offset")
     out = torch.empty(shape, dtype=dtype, device=device)

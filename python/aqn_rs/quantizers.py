@@ -17,7 +17,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _aqn_rs
+from . import _aqn_rs, _cuda
 from .constants import DTYPE_TAGS, MXFP4_BLOCK, NVFP4_BLOCK, SCALE_MODES, TAG_DTYPES
 
 _NUMPY_TAGS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
@@ -30,8 +30,6 @@ def _is_torch_tensor(x: Any) -> bool:
 
 
 def _torch_tag(t) -> str:
-    import torch
-
     try:
         return DTYPE_TAGS[str(t.dtype).removeprefix("torch.")]
     except KeyError:
@@ -129,8 +127,6 @@ _CUDA = None  # the _cuda module, once it has been found usable
 def _cuda_module():
     global _CUDA
     if _CUDA is None:
-        from . import _cuda
-
         if not _cuda.available():
             raise RuntimeError(
                 "a CUDA tensor was passed but aqn_rs has no usable CUDA kernels "
@@ -448,8 +444,6 @@ def build_info() -> dict:
         in the embedded fatbin), `cuda_available` (kernels built and a driver and device usable
         now) and `cpu_threads` (threads of the CPU path).
     """
-    from . import _cuda
-
     return {
         "version": _aqn_rs.__version__,
         "cuda": bool(_cuda.build_archs()),

@@ -41,7 +41,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from ._aqn_rs import LAYER_TYPES, ModuleSelector
-from .constants import DEFAULT_EXCLUDE, FUSED_GROUPS
+from .constants import DEFAULT_EXCLUDE, FUSED_GROUPS, VLLM_FUSED
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -50,6 +50,9 @@ __all__ = [
     "SelectionRow",
     "canonical_name",
     "fused_group_key",
+    "is_adapter",
+    "normalize_name",
+    "vllm_alias",
     "fused_weight_groups",
     "class_name_of",
     "iter_selected",
@@ -150,3 +153,36 @@ def fused_group_key(module_name: str) -> Optional[Tuple[str, int]]:
         if leaf in group:
             return parent, gi
     return None
+
+
+# Names across HF (the actor, verl's weight sync), PEFT and vLLM (the rollout).
+
+_MEMBER_OF = {m: fused for fused, members in VLLM_FUSED.items() for m in members}
+_PEFT_PREFIX = "base_model.model."
+# PEFT's adapter modules: vLLM gets them unquantized and noise-free (add_lora), so the verl
+# plugin leaves them alone on the actor too.
+_PEFT_ADAPTERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a module name lies inside a PEFT LoRA adapter (`...q_proj.lora_A.default`)."""
+    return any(part in _PEFT_ADAPTERS for part in name.split("."))
+
+
+def normalize_name(name: str) -> str:
+    """A module or parameter name without FSDP/checkpoint/compile wrappers and PEFT's
+    `base_model.model.` / `.base_layer` components, so actor module names, verl's weight-sync
+    names and vLLM's names line up."""
+    name = canonical_name(name)
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX):]
+    return name.replace(".base_layer.", ".").removesuffix(".base_layer")
+
+
+def vllm_alias(module_name: str) -> Optional[str]:
+    """The vLLM module that holds an HF module's rows (`...q_proj` -> `...qkv_proj`), or None."""
+    parent, _, leaf = module_name.rpartition(".")
+    fused = _MEMBER_OF.get(leaf)
+    if fused is None:
+        return None
+    return f"{parent}.{fused}" if parent else fused

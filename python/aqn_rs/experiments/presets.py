@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..constants import APPLY_TO, DECAYS, DEFAULT_EXCLUDE, INJECTION_POINTS, SCALE_MODES, STE_MODES, TRAIN_FORMATS
+from ..quantizers import Mxfp4Quantizer, Nvfp4Quantizer
 from .errors import ExperimentError
 
 FORMATS = TRAIN_FORMATS
@@ -223,13 +224,11 @@ def effective_training(cfg: Dict[str, Any], on_gpu: bool) -> Dict[str, Any]:
 
 def quantizer_from(cfg: Dict[str, Any]):
     """The preset's quantizer object, or None for an unquantized run."""
-    import aqn_rs
-
     q = cfg["quantization"]
     if q["format"] == "mxfp4":
-        return aqn_rs.Mxfp4Quantizer(q.get("scale_mode", "floor"))
+        return Mxfp4Quantizer(q.get("scale_mode", "floor"))
     if q["format"] == "nvfp4":
-        return aqn_rs.Nvfp4Quantizer()
+        return Nvfp4Quantizer()
     return None
 
 

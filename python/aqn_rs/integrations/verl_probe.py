@@ -38,7 +38,9 @@ import pathlib
 import sys
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from ..aqn import AqnNoise
 from ..constants import VLLM_FUSED
+from ..selection import normalize_name
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +186,6 @@ def _reference_fake_quant(actor: Dict[str, Any], sent_in: Dict[str, Any], device
     import torch
 
     from .. import reference as ref
-    from .verl import normalize_name
-
     dtype = getattr(torch, actor["param_dtype"])
     by_mod = {normalize_name(n[: -len(".weight")]): n for n in sent_in if n.endswith(".weight")}
     amax: Dict[str, float] = {}
@@ -226,8 +226,6 @@ def check(dir_: str, device: Optional[str] = None) -> Dict[str, Any]:
         return report
     noise = None
     if noise_cfg:
-        from ..aqn import AqnNoise
-
         noise = AqnNoise.from_config(noise_cfg, int(meta["total_steps"]), apply_to="rollout")
     prev_in = None
     for s in steps:
