@@ -298,7 +298,8 @@ class Mxfp4Quantizer(_Quantizer):
 
         Returns:
             A new tensor/array of the same type, shape, dtype and device. Blocks containing
-            NaN or Inf come back as NaN. Autograd is not tracked (see `aqn_rs.torch` for STE).
+            NaN or Inf come back as NaN. Autograd is not tracked: for a
+            straight-through gradient use `aqn_rs.hooks.fake_quant` (or `quantize_model`).
         """
         if getattr(x, "is_cuda", False):  # the hot path: _cuda checks the tensor itself
             return _cuda_module().fake_quant(x, "mxfp4", self.scale_mode, None)
