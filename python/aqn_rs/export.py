@@ -70,9 +70,9 @@ from .quantizers import (
     Nvfp4Quantizer,
     QuantizedTensor,
 )
+
 # fused_weight_groups lives with the selection rules; `aqn_rs.export.fused_weight_groups` stays.
 from .selection import ModuleSelector, canonical_name, class_name_of, fused_group_key, fused_weight_groups
-
 
 # compressed-tensors' CompressionFormat values (compressed_tensors/config/base.py).
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}

@@ -43,7 +43,6 @@ from .quantizers import Mxfp4Quantizer, Nvfp4Quantizer, _Quantizer
 from .selection import ModuleSelector, fused_weight_groups
 
 
-
 def _quantizer_for(fmt: str, scale_mode: str) -> _Quantizer:
     if fmt == "mxfp4":
         return Mxfp4Quantizer(scale_mode)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import sys
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import numpy as np
 

@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import _aqn_rs, _cuda
-from .constants import DEFAULT_EXCLUDE, E2M1_MAX, MXFP4_BLOCK, NVFP4_BLOCK, SAFETENSORS_DTYPES, SCALE_MODES
 from ._plot import pyplot
+from .constants import DEFAULT_EXCLUDE, E2M1_MAX, MXFP4_BLOCK, NVFP4_BLOCK, SAFETENSORS_DTYPES, SCALE_MODES
 from .errors import ExperimentError, ScanError
 from .experiments.data import builtin_problems
 from .models import converted_folder

@@ -37,7 +37,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "auto: local (a verl cluster cannot be detected from here)")
     p.add_argument("--gpus", default="auto", help="GPUs to use: a number (0 = CPU) or auto (all visible, else CPU)")
     p.add_argument("--model", default=None, help="transformers model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=None, help="GSM8K jsonl folder (train.jsonl, test.jsonl) or file, or 'builtin' (the built-in arithmetic task; "
+    p.add_argument("--data", default=None,
+                   help="GSM8K jsonl folder (train.jsonl, test.jsonl) or file, or 'builtin' (the built-in arithmetic task; "
                         "the default of the local engine; the verl engine's default is the Hub's openai/gsm8k)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset and the CPU profile)")
     p.add_argument("--output", default="runs", help="folder that holds the run folders (default: runs)")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pathlib
 import sys
@@ -496,7 +495,6 @@ def _dataset(Dataset, rows):
     MonthDayNano`, seen on the H100, docs/RESULTS.md); a content hash is just as unique here.
     """
     import hashlib
-    import json
 
     from datasets.table import InMemoryTable
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import importlib
@@ -63,10 +62,10 @@ import inspect
 import json
 import logging
 import math
-import time
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .._aqn_rs import SigmaScheduler

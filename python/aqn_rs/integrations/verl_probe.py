@@ -325,7 +325,8 @@ def check(dir_: str, device: Optional[str] = None) -> Dict[str, Any]:
             continue
         clean, synced = _load(clean_path), _load(synced_path)
         bad = [n for n in synced if n not in clean or not _bits_equal(clean[n], synced[n])]
-        ok(f"v{s} {worker} validation on clean weights", not bad, f"{len(synced) - len(bad)}/{len(synced)} parameters equal the synced ones")
+        ok(f"v{s} {worker} validation on clean weights", not bad,
+           f"{len(synced) - len(bad)}/{len(synced)} parameters equal the synced ones")
     report["passed"] = not report["failures"]
     return report
 
