@@ -434,7 +434,8 @@ def main():
     if args.out:
         pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(dict(card=card, overhead=overhead, overhead_over_baseline=over_base, rows=rows), indent=1, default=str))
+        report = dict(card=card, overhead=overhead, overhead_over_baseline=over_base, rows=rows)
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return 0
 
 

@@ -52,7 +52,7 @@ def test_smoke_run_has_every_variant_for_every_micro(bench, tmp_path):
 
 def test_verl_peer_is_applied_and_invalidated_as_verl_does(bench, monkeypatch):
     try:
-        core = bench.load_verl()
+        bench.load_verl()
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"verl unavailable: {e}")
     import sys

@@ -515,7 +515,8 @@ def test_second_device_and_wrong_stream():
         with pytest.raises(ValueError, match="stream"):
             _rs.cuda_fake_quant("mxfp4", "floor", "bf16", 0, s, x0.data_ptr(), out0.data_ptr(), 16, 128, 0, None, 0)
     with pytest.raises(ValueError, match="cuda:1"):
-        _rs.cuda_fake_quant("mxfp4", "floor", "bf16", 0, torch.cuda.current_stream(0).cuda_stream, x1.data_ptr(), out0.data_ptr(), 16, 128, 0, None, 0)
+        _rs.cuda_fake_quant("mxfp4", "floor", "bf16", 0, torch.cuda.current_stream(0).cuda_stream,
+                            x1.data_ptr(), out0.data_ptr(), 16, 128, 0, None, 0)
     # amax given on the other device is moved over.
     y = _cuda.fake_quant(x0, "nvfp4", "floor", torch.tensor(2.0, device="cuda:1"))
     assert_bits_equal(y, cpu_fake_quant(x0, "nvfp4", "floor", 2.0), "amax from cuda:1")
@@ -558,7 +559,8 @@ def test_expandable_segments_allocations():
         for x in xs:
             y = _cuda.fake_quant(x, "nvfp4", "floor", None)
             z = _cuda.fake_quant(x, "mxfp4", "floor", None)
-            assert torch.equal(y[-4096:].cpu().view(torch.int16), aqn_rs.Nvfp4Quantizer().fake_quant(x[-4096:].cpu(), amax=float(x.float().abs().max())).view(torch.int16))
+            want = aqn_rs.Nvfp4Quantizer().fake_quant(x[-4096:].cpu(), amax=float(x.float().abs().max()))
+            assert torch.equal(y[-4096:].cpu().view(torch.int16), want.view(torch.int16))
             assert torch.equal(z[-4096:].cpu().view(torch.int16), aqn_rs.Mxfp4Quantizer().fake_quant(x[-4096:].cpu()).view(torch.int16))
         print("ok")
         """

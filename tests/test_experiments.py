@@ -227,7 +227,7 @@ def _perturbations(text: str, gt: str, r: random.Random):
     yield ""
     yield f"#### {gt[:-1] or '0'},{gt[-1]}"
     yield f"####  {gt}"
-    yield f"#### 1,234.5,6"
+    yield "#### 1,234.5,6"
 
 
 def test_reward_equals_verl_on_gsm8k_test_answers(verl_gsm8k):
@@ -299,7 +299,8 @@ def _cli(argv, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["run", "nope"], "aqn-rs: error: unknown preset 'nope'; available: 1A, 1C, 1D, 1E, baseline"),
     (["run", "1D", "--gpus", "64"], "aqn-rs: error: --gpus 64 asked but"),
-    (["run", "1D", "--gpus", "0", "--data", "/nonexistent/gsm8k.jsonl"], "aqn-rs: error: data path /nonexistent/gsm8k.jsonl does not exist"),
+    (["run", "1D", "--gpus", "0", "--data", "/nonexistent/gsm8k.jsonl"],
+     "aqn-rs: error: data path /nonexistent/gsm8k.jsonl does not exist"),
     (["run", "1D", "--gpus", "0", "--engine", "verl"], "aqn-rs: error: the verl engine needs --gpus >= 1, got 0"),
     (["run", "1D", "--gpus", "0", "--model", "/nonexistent/model"], "aqn-rs: error: model path /nonexistent/model does not exist"),
     (["sweep", "mxfp4-only", "--gpus", "0", "--sigma", "0.01"], "aqn-rs: error: preset mxfp4-only has no AQN block"),

@@ -12,7 +12,6 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 

@@ -18,8 +18,8 @@ import types
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 import aqn_rs  # noqa: E402
 from aqn_rs.aqn import AqnNoise, gaussian_noise  # noqa: E402

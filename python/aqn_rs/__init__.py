@@ -13,9 +13,9 @@ The exact number formats are in docs/FORMATS.md; `aqn_rs.reference` is a pure-to
 implementation of the same rules that the tests compare against bit for bit.
 """
 
-from ._aqn_rs import AqnError, SigmaScheduler, __version__
+from ._aqn_rs import SigmaScheduler, __version__
 from .aqn import AqnNoise, gaussian_noise
-from .selection import ModuleSelector
+from .errors import AqnError
 from .quantizers import (
     MXFP4_BLOCK,
     NVFP4_BLOCK,
@@ -25,6 +25,7 @@ from .quantizers import (
     QuantizedTensor,
     build_info,
 )
+from .selection import ModuleSelector
 
 # torch-dependent names load on first use, so `import aqn_rs` does not import torch.
 _LAZY = {

@@ -3,12 +3,50 @@ arrays: float32, or uint16 bit patterns of bf16/f16 with `dtype` = "bf16"/"f16".
 preallocated by the caller. Errors: TypeError (wrong array type/dtype), ValueError (shape,
 length, contiguity or argument), RuntimeError (CUDA)."""
 
-from typing import Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
+# What the binding registers, in its order; stubtest checks this list against the module's.
+__all__ = [
+    "__version__",
+    "AqnError",
+    "mxfp4_fake_quant",
+    "mxfp4_quantize",
+    "mxfp4_dequantize",
+    "nvfp4_fake_quant",
+    "nvfp4_quantize",
+    "nvfp4_dequantize",
+    "nvfp4_amax",
+    "nvfp4_global_scale",
+    "cpu_threads",
+    "CUDA_AMAX_SCRATCH",
+    "cuda_built",
+    "cuda_build_archs",
+    "cuda_available",
+    "cuda_device_count",
+    "cuda_set_tuning",
+    "cuda_probe_overhead",
+    "cuda_fake_quant",
+    "cuda_fake_quant_t",
+    "dlpack_exchange_register",
+    "cuda_quantize",
+    "cuda_dequantize",
+    "cuda_amax",
+    "cuda_noise",
+    "ModuleSelector",
+    "SigmaScheduler",
+    "LAYER_TYPES",
+    "DECAYS",
+    "noise_fill_f32",
+    "noise_key",
+    "philox4x32_10",
+    "fnv1a64",
+    "scan_tensor",
+    "scan_gain_ladder",
+]
 
 class AqnError(Exception): ...
 
@@ -39,13 +77,12 @@ def cpu_threads() -> int: ...
 # and configs (messages say what was expected), TypeError for wrong types.
 # =============================================================================================
 
-from typing import Any, Iterable, Mapping, Sequence, Tuple, Union
-
 LAYER_TYPES: Tuple[str, ...]  # ("linear", "rmsnorm", "embedding")
 DECAYS: Tuple[str, ...]  # ("exponential", "linear", "cosine", "constant")
 
 _Patterns = Union[str, Iterable[str]]
 
+@final
 class ModuleSelector:
     """Which modules are selected, from qualified names and class names (see
     `aqn_rs.selection` for the pattern syntax and the decision order).
@@ -57,12 +94,12 @@ class ModuleSelector:
         layer_types: "linear", "rmsnorm", "embedding" (case-insensitive); None means ("linear",).
     A single string is one pattern / one layer type."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         include: Optional[_Patterns] = None,
         exclude: Optional[_Patterns] = ("lm_head", "embed_tokens"),
-        layer_types: Optional[_Patterns] = ("linear",),
-    ) -> None: ...
+        layer_types: Optional[_Patterns] = "linear",
+    ) -> "ModuleSelector": ...
     def decide(self, name: str, class_name: str) -> Tuple[bool, str]:
         """(selected, rule); rule is "type:<class>", "exclude:<pattern>",
         "include:<pattern>", "not-included" or "default"."""
@@ -83,6 +120,7 @@ class ModuleSelector:
     def __eq__(self, other: object) -> bool: ...
     def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]: ...
 
+@final
 class SigmaScheduler:
     """QeRL's staged sigma schedule (formulas in `aqn_core::schedule` and docs/NOISE.md).
 
@@ -95,8 +133,8 @@ class SigmaScheduler:
         zero_first_stage: stage 0 has sigma 0 (QeRL).
         enabled: False gives sigma 0 at every step (the plan's `enabled: false`)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         sigma_start: float,
         sigma_end: float,
         num_stages: int,
@@ -104,7 +142,7 @@ class SigmaScheduler:
         decay: str = "exponential",
         zero_first_stage: bool = True,
         enabled: bool = True,
-    ) -> None: ...
+    ) -> "SigmaScheduler": ...
     @classmethod
     def from_config(cls, config: Mapping[str, Any], total_steps: int) -> "SigmaScheduler":
         """From {enabled, sigma_start, sigma_end, num_stages, layer_types[, decay,
@@ -186,6 +224,21 @@ def cuda_dequantize(
     gs_value: Optional[float], out: int, rows: int, k: int,
 ) -> None: ...
 def cuda_amax(dtype: str, device: int, stream: int, x: int, n: int, scratch: int, out: int) -> None: ...
+def cuda_fake_quant_t(
+    x: Any, out: Any, fmt: str, mode: str, amax_ptr: int, amax_value: Optional[float], scratch: int,
+) -> bool:
+    """`cuda_fake_quant` on tensors (x and out are torch tensors read through DLPack's C exchange
+    API). False, launching nothing, when that API is not registered or x is not a contiguous
+    CUDA tensor of a supported dtype: the caller then takes the pointer path."""
+def cuda_noise(
+    dtype: str, device: int, stream: int, out: int, n: int, offset: int, seed: int, name: str,
+    step: int, sigma: float,
+) -> None:
+    """Elements `offset .. offset + n` of AQN's noise for `(seed, step, name)`, times float32(sigma),
+    cast to `dtype`, into `n` elements at device pointer `out` (the CUDA twin of noise_fill_f32)."""
+def dlpack_exchange_register(tensor_type: Any) -> bool:
+    """Register `tensor_type`'s (torch.Tensor's) DLPack C exchange API for `cuda_fake_quant_t`;
+    False, registering nothing, where the type has none (torch < 2.10)."""
 
 # ---- SRDD scanner reductions (src/scan.rs; docs/SCANNER.md) ----
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 from . import _aqn_rs as _rs
+from .constants import BLOCK_SIZES, DTYPE_TAGS
 
-_BLOCK = {"mxfp4": 32, "nvfp4": 16}
+_BLOCK = BLOCK_SIZES
 _AMAX_SCRATCH = int(getattr(_rs, "CUDA_AMAX_SCRATCH", 1024))
 
 _available: Optional[bool] = None
@@ -38,7 +39,7 @@ def _init() -> None:
     _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
         lambda d: torch.cuda.current_stream(d).cuda_stream
     )
-    _dtags.update({torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"})
+    _dtags.update({getattr(torch, name): tag for name, tag in DTYPE_TAGS.items()})
     _xapi = bool(_rs.dlpack_exchange_register(torch.Tensor))  # False before torch 2.10
 
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _aqn_rs
+from . import _aqn_rs, _cuda
 from ._aqn_rs import SigmaScheduler
-from .selection import DEFAULT_EXCLUDE, ModuleSelector, canonical_name, class_name_of
+from .constants import APPLY_TO, DEFAULT_EXCLUDE
+from .selection import ModuleSelector, canonical_name, class_name_of
 
 __all__ = [
     "APPLY_TO",
@@ -40,7 +41,6 @@ __all__ = [
     "noise_key",
 ]
 
-APPLY_TO = ("actor", "rollout", "both")
 
 # ---------------------------------------------------------------------------------------------
 # The noise algorithm (docs/NOISE.md). Constants are given by their f32 bit patterns, the same
@@ -239,8 +239,6 @@ def _reference_gaussian_eager(shape, seed, step, name, sigma, offset, device):
 
 
 def _cuda_kernels() -> bool:
-    from . import _cuda
-
     return _cuda.available()
 
 
@@ -253,8 +251,6 @@ def _cuda_gaussian(shape, seed, step, name, sigma, offset, device, dtype):
 
 def _cuda_gaussian_eager(shape, seed, step, name, sigma, offset, device, dtype):
     import torch
-
-    from . import _cuda
 
     seed, step, offset = _u64(seed, "seed"), _u64(step, "step"), _u64(offset, "offset")
     out = torch.empty(shape, dtype=dtype, device=device)

@@ -20,6 +20,11 @@ import sys
 import time
 from typing import List, Optional
 
+from . import scan as scan_cmd
+from .constants import SCALE_MODES
+from .experiments import cli as experiments_cli
+from .quantizers import Mxfp4Quantizer, Nvfp4Quantizer, build_info
+
 
 def _distributions(rows: int, cols: int, seed: int):
     import torch
@@ -51,10 +56,8 @@ def demo(rows: int = 2048, cols: int = 4096, seed: int = 0, device: str = "cpu",
 
     import torch
 
-    import aqn_rs
-
-    quantizers = [(f"mxfp4-{m}", aqn_rs.Mxfp4Quantizer(m)) for m in aqn_rs.SCALE_MODES]
-    quantizers.append(("nvfp4", aqn_rs.Nvfp4Quantizer()))
+    quantizers = [(f"mxfp4-{m}", Mxfp4Quantizer(m)) for m in SCALE_MODES]
+    quantizers.append(("nvfp4", Nvfp4Quantizer()))
     results: dict = {}
     for dist, x in _distributions(rows, cols, seed):
         x = x.to(device=device, dtype=torch.bfloat16)
@@ -76,7 +79,7 @@ def demo(rows: int = 2048, cols: int = 4096, seed: int = 0, device: str = "cpu",
         print(json.dumps(results, indent=2))
         return results
     names = [n for n, _ in quantizers]
-    info = aqn_rs.build_info()
+    info = build_info()
     print(f"aqn-rs {info['version']}: {rows}x{cols} bf16 on {device} "
           f"(CUDA kernels: {'yes ' + ','.join(info['cuda_archs']) if info['cuda'] else 'no'}, "
           f"CPU threads: {info['cpu_threads']})")
@@ -110,9 +113,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         export = None
         sub.add_parser("export", help="write a packed FP4 checkpoint (needs torch)").add_argument("rest", nargs="*")
-    from . import scan as scan_cmd
-    from .experiments import cli as experiments_cli
-
     if export is not None:
         export.add_cli(sub)
     scan_cmd.add_cli(sub)
@@ -129,9 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cmd in experiments_cli.COMMANDS:
         return experiments_cli.run_cli(args)
     if args.cmd == "info":
-        import aqn_rs
-
-        print(json.dumps(aqn_rs.build_info(), indent=2))
+        print(json.dumps(build_info(), indent=2))
         return 0
     if args.cmd == "demo":
         if args.rows <= 0 or args.cols <= 0:

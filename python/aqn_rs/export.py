@@ -53,17 +53,26 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor
 
-from .quantizers import (
+from ._aqn_rs import __version__
+from .constants import (
+    BLOCK_SIZES,
+    DEFAULT_EXCLUDE,
+    DTYPE_TAGS,
+    FORMATS,
+    FUSED_GROUPS,
     MXFP4_BLOCK,
     NVFP4_BLOCK,
+    SAFETENSORS_DTYPES,
     SCALE_MODES,
+)
+from .quantizers import (
     Mxfp4Quantizer,
     Nvfp4Quantizer,
     QuantizedTensor,
 )
 
-FORMATS = ("nvfp4", "mxfp4")
-DEFAULT_EXCLUDE = ("lm_head", "embed_tokens")
+# fused_weight_groups lives with the selection rules; `aqn_rs.export.fused_weight_groups` stays.
+from .selection import ModuleSelector, canonical_name, class_name_of, fused_group_key, fused_weight_groups
 
 # compressed-tensors' CompressionFormat values (compressed_tensors/config/base.py).
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
@@ -92,34 +101,13 @@ _CT_WEIGHT_ARGS = {
         "type": "float",
     },
 }
-_BLOCK = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK}
+_BLOCK = BLOCK_SIZES
 
-# Sibling Linear layers that vLLM fuses into one layer (qkv_proj, gate_up_proj, DeepSeek's
-# fused_qkv_a_proj) and that therefore share one NVFP4 global scale there.
-FUSED_GROUPS: Tuple[Tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-    ("q_a_proj", "kv_a_proj_with_mqa"),
-)
-
-# safetensors dtype names (safetensors' Dtype enum).
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
-_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
+# safetensors dtype names (safetensors' Dtype enum) <-> torch dtypes.
+_ST_TORCH = {st: getattr(torch, name) for st, name in SAFETENSORS_DTYPES.items()}
+_ST_DTYPES = {dt: st for st, dt in _ST_TORCH.items()}
+_DTYPE_NAMES = {name: getattr(torch, name) for name in DTYPE_TAGS}
+_DTYPE_TAGS = {getattr(torch, name): tag for name, tag in DTYPE_TAGS.items()}
 _QUANT_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Files that hold weights; everything else in a source folder is copied.
@@ -134,61 +122,18 @@ _WEIGHT_FILE_SUFFIXES = (
 # ---------------------------------------------------------------------------------------------
 
 
-def _canonical(name: str) -> str:
-    """`name` without FSDP/checkpoint/compile wrapper components (the selector's rule)."""
-    from .selection import canonical_name
-
-    return canonical_name(name)
-
-
-def _class_name(module: torch.nn.Module) -> str:
-    """The class name the selector sees (first layer-typed class along the MRO)."""
-    from .selection import class_name_of
-
-    return class_name_of(module)
+# The selector's rules (wrapper-free names, the class name along the MRO) are selection's;
+# these short names keep this module's call sites as they were.
+_canonical = canonical_name
+_class_name = class_name_of
 
 
 def _selector(include, exclude, layer_types=("linear",)):
-    from .selection import ModuleSelector
-
     return ModuleSelector(
         include=tuple(include) if include is not None else None,
         exclude=tuple(exclude) if exclude is not None else (),
         layer_types=tuple(layer_types),
     )
-
-
-def fused_weight_groups(module_names: Iterable[str]) -> List[Tuple[str, ...]]:
-    """The groups of Linear modules that vLLM fuses into one layer with one NVFP4 global scale.
-
-    Args:
-        module_names: qualified module names (e.g. the selected Linear layers of a model).
-
-    Returns:
-        Tuples of two or more names from `module_names` that share a parent module and form one
-        of `FUSED_GROUPS` (`q_proj/k_proj/v_proj`, `gate_proj/up_proj`, `q_a_proj/
-        kv_a_proj_with_mqa`), each in `FUSED_GROUPS` order. Fake quant that must equal what vLLM
-        computes uses, for every member, `amax = max(amax of the members)`.
-    """
-    found: Dict[Tuple[str, int], Dict[str, str]] = {}
-    for name in module_names:
-        key = _group_key(name)
-        if key is not None:
-            found.setdefault(key, {})[name.rpartition(".")[2]] = name
-    groups = []
-    for (parent, gi), members in found.items():
-        names = tuple(members[leaf] for leaf in FUSED_GROUPS[gi] if leaf in members)
-        if len(names) > 1:
-            groups.append(names)
-    return groups
-
-
-def _group_key(module_name: str) -> Optional[Tuple[str, int]]:
-    parent, _, leaf = module_name.rpartition(".")
-    for gi, group in enumerate(FUSED_GROUPS):
-        if leaf in group:
-            return parent, gi
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -789,8 +734,6 @@ def _export(model_or_path, out_dir, format, scale_mode, exclude, include, max_sh
         shards = _shard(outs, max_bytes)
         n = len(shards)
         files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        from . import __version__
-
         metadata = {"format": "pt", "aqn_rs.version": __version__, "aqn_rs.format": format}
         if format == "mxfp4":
             metadata["aqn_rs.scale_mode"] = scale_mode
@@ -967,7 +910,7 @@ def iter_packed(
         is_linear = (mod in linear) if linear is not None else (t.dim() == 2 and t.is_floating_point())
         if (leaf == "weight" and is_linear and t.dim() == 2 and t.shape[-1] % block == 0
                 and sel.decide(mod, "Linear")[0]):
-            key = _group_key(mod) if fuse else None
+            key = fused_group_key(mod) if fuse else None
             if key is None:
                 yield from pack({mod: t})
                 continue

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .aqn import AqnNoise
+from .constants import DEFAULT_EXCLUDE, INJECTION_POINTS, STE_MODES
 from .quantizers import Mxfp4Quantizer, Nvfp4Quantizer, _Quantizer
-
-INJECTION_POINTS = ("weight", "activation", "both")
-STE_MODES = ("identity", "clipped")
+from .selection import ModuleSelector, fused_weight_groups
 
 
 def _quantizer_for(fmt: str, scale_mode: str) -> _Quantizer:
@@ -384,7 +384,7 @@ def quantize_model(
     model: torch.nn.Module,
     quantizer: _Quantizer,
     injection_point: str = "weight",
-    exclude: Optional[Sequence[str]] = ("lm_head", "embed_tokens"),
+    exclude: Optional[Sequence[str]] = DEFAULT_EXCLUDE,
     include: Optional[Sequence[str]] = None,
     layer_types: Sequence[str] = ("linear",),
     ste: str = "identity",
@@ -411,8 +411,6 @@ def quantize_model(
     Returns:
         A `QuantizationHandle` (`remove()`, `summary()`, `format_summary()`, `cache_stats()`).
     """
-    from .selection import ModuleSelector
-
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(quantizer, (Mxfp4Quantizer, Nvfp4Quantizer)):
@@ -454,8 +452,6 @@ def quantize_model(
 
     groups: Dict[str, _GroupAmax] = {}
     if fuse_global_scales and quantizer.format == "nvfp4" and injection_point != "activation":
-        from .export import fused_weight_groups
-
         by_name = {n: m for n, m, k in chosen if k == "linear"}
         for members in fused_weight_groups(by_name):
             g = _GroupAmax([by_name[n] for n in members])
@@ -538,8 +534,6 @@ def attach_noise(model: torch.nn.Module, noise) -> NoiseHandle:
     Returns:
         A `NoiseHandle` (`remove()`, `modules`).
     """
-    from .aqn import AqnNoise
-
     if not isinstance(noise, AqnNoise):
         raise TypeError(f"noise must be an aqn_rs.AqnNoise, got {type(noise).__name__}")
     if not noise.applies_to("actor"):

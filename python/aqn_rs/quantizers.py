@@ -13,15 +13,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import sys
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from . import _aqn_rs
-
-MXFP4_BLOCK = 32
-NVFP4_BLOCK = 16
-SCALE_MODES = ("floor", "rceil", "even", "ceil")
+from . import _aqn_rs, _cuda
+from .constants import DTYPE_TAGS, MXFP4_BLOCK, NVFP4_BLOCK, SCALE_MODES, TAG_DTYPES
 
 _NUMPY_TAGS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 _TAG_NUMPY = {"f32": np.float32, "f16": np.float16}
@@ -33,11 +30,8 @@ def _is_torch_tensor(x: Any) -> bool:
 
 
 def _torch_tag(t) -> str:
-    import torch
-
-    tags = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
     try:
-        return tags[t.dtype]
+        return DTYPE_TAGS[str(t.dtype).removeprefix("torch.")]
     except KeyError:
         raise TypeError(
             f"unsupported dtype {t.dtype}; expected torch.float32, torch.bfloat16 or torch.float16"
@@ -47,7 +41,7 @@ def _torch_tag(t) -> str:
 def _torch_dtype(tag: str):
     import torch
 
-    return {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[tag]
+    return getattr(torch, TAG_DTYPES[tag])
 
 
 _VIEW_DTYPES = {"f32": np.float32, "bf16": np.uint16, "f16": np.uint16, "u8": np.uint8}
@@ -133,8 +127,6 @@ _CUDA = None  # the _cuda module, once it has been found usable
 def _cuda_module():
     global _CUDA
     if _CUDA is None:
-        from . import _cuda
-
         if not _cuda.available():
             raise RuntimeError(
                 "a CUDA tensor was passed but aqn_rs has no usable CUDA kernels "
@@ -306,7 +298,8 @@ class Mxfp4Quantizer(_Quantizer):
 
         Returns:
             A new tensor/array of the same type, shape, dtype and device. Blocks containing
-            NaN or Inf come back as NaN. Autograd is not tracked (see `aqn_rs.torch` for STE).
+            NaN or Inf come back as NaN. Autograd is not tracked: for a
+            straight-through gradient use `aqn_rs.hooks.fake_quant` (or `quantize_model`).
         """
         if getattr(x, "is_cuda", False):  # the hot path: _cuda checks the tensor itself
             return _cuda_module().fake_quant(x, "mxfp4", self.scale_mode, None)
@@ -452,8 +445,6 @@ def build_info() -> dict:
         in the embedded fatbin), `cuda_available` (kernels built and a driver and device usable
         now) and `cpu_threads` (threads of the CPU path).
     """
-    from . import _cuda
-
     return {
         "version": _aqn_rs.__version__,
         "cuda": bool(_cuda.build_archs()),

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from .constants import E2M1_MAX, MXFP4_BLOCK, NVFP4_BLOCK, SCALE_MODES
+
 __all__ = [
     "E2M1_VALUES",
     "MX_BLOCK",
@@ -49,12 +51,12 @@ __all__ = [
 ]
 
 # FORMATS.md §Tensor layout: block sizes.
-MX_BLOCK = 32
-NV_BLOCK = 16
+MX_BLOCK = MXFP4_BLOCK
+NV_BLOCK = NVFP4_BLOCK
 
 # FORMATS.md §E2M1: magnitudes by index 0..7; code = sign << 3 | index.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-F4_E2M1_MAX = 6.0
+F4_E2M1_MAX = E2M1_MAX
 F4_E2M1_MAX_POW2 = 2  # 6 = 1.5 * 2**2: the largest power of two below the E2M1 max
 
 # FORMATS.md §E4M3: float8_e4m3fn.
@@ -69,7 +71,6 @@ NV_GLOBAL_NUMERATOR = 2688.0  # 448 * 6 (E4M3 max times E2M1 max)
 E8M0_BIAS = 127
 E8M0_NAN_BYTE = 0xFF
 
-SCALE_MODES = ("floor", "rceil", "even", "ceil")
 
 F32_TINY = 2.0**-126  # smallest normal f32 (torch.finfo(torch.float32).tiny)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

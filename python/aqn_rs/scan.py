@@ -45,17 +45,23 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from . import _aqn_rs
-from .quantizers import MXFP4_BLOCK, NVFP4_BLOCK, SCALE_MODES, Mxfp4Quantizer, Nvfp4Quantizer
+from . import _aqn_rs, _cuda
+from ._plot import pyplot
+from .constants import DEFAULT_EXCLUDE, E2M1_MAX, MXFP4_BLOCK, NVFP4_BLOCK, SAFETENSORS_DTYPES, SCALE_MODES
+from .errors import ExperimentError, ScanError
+from .experiments.data import builtin_problems
+from .models import converted_folder
+from .models import resolve_model as resolve_experiment_model
+from .quantizers import Mxfp4Quantizer, Nvfp4Quantizer, _check_input, _is_torch_tensor, _rs_view
+from .selection import ModuleSelector, class_name_of
 
 SCHEMA = "aqn-rs.scan"
 SCHEMA_VERSION = 1
 QUANT_TYPES = ("mxfp4", "nvfp4", "all")
-DEFAULT_EXCLUDE = ("lm_head", "embed_tokens")
 DTYPES = ("keep", "bfloat16", "float16", "float32")
 
-# E2M1's largest magnitude: an element whose scaled value |x / d| exceeds it is clipped.
-F4_E2M1_MAX = 6.0
+# An element whose scaled value |x / d| exceeds E2M1's largest magnitude is clipped.
+F4_E2M1_MAX = E2M1_MAX
 # A probe counts as "in the deadzone" / "saturated" at a rung when at least this fraction of
 # the blocks zero / clip it: the median block's threshold (docs/SCANNER.md, "Gain scan").
 EDGE_FRACTION = 0.5
@@ -70,11 +76,6 @@ PROJ_TYPES = {
 PROJ_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up", "embed", "lm_head")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _FSDP_SHARD = re.compile(r"^model_world_size_\d+_rank_\d+\.pt$")
-
-
-class ScanError(ValueError):
-    """A scan cannot run: a bad path, a folder without weights, an FSDP shard folder, a bad
-    option. The message says what was found and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +158,6 @@ def rust_raw_stats(x, spec: FormatSpec, amax: Optional[float] = None) -> Dict[st
     Returns:
         dict with the keys of `aqn_core::scan::TensorScan` plus `global_scale` (NVFP4).
     """
-    from .quantizers import _check_input, _rs_view
-
     kind, tag = _check_input(x)
     if kind == "torch-cuda":
         raise ValueError("rust_raw_stats takes a CPU tensor; use torch_raw_stats for CUDA tensors")
@@ -411,8 +410,6 @@ def metrics_from_raw(raw: Dict[str, Any], spec: FormatSpec, curves: bool = True)
 def tensor_raw_stats(x, spec: FormatSpec, amax: Any = None) -> Dict[str, Any]:
     """Raw sums and counts of one tensor: the Rust core for CPU tensors and numpy arrays, torch
     reductions over our CUDA kernels' outputs for CUDA tensors."""
-    from .quantizers import _is_torch_tensor
-
     if _is_torch_tensor(x) and x.device.type == "cuda":
         return torch_raw_stats(x, spec, amax)
     if _is_torch_tensor(amax):
@@ -498,9 +495,6 @@ def resolve_model(path: Union[str, os.PathLike]) -> ModelSource:
     """
     spath = str(path)
     if spath == "embedded":
-        from .experiments.errors import ExperimentError
-        from .experiments.model import converted_folder, resolve_model as resolve_experiment_model
-
         try:
             folder, gguf, desc = resolve_experiment_model(None)
             conv = Path(converted_folder(folder, gguf, log=lambda m: print(m, file=sys.stderr)))
@@ -572,11 +566,7 @@ def resolve_model(path: Union[str, os.PathLike]) -> ModelSource:
                     "a .gguf file, a verl global_step_N/actor folder or a run folder with checkpoints/")
 
 
-_ST_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
+_ST_NAMES = SAFETENSORS_DTYPES
 
 
 class SafetensorsReader:
@@ -700,8 +690,6 @@ def _load_gguf(src: ModelSource):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(src.gguf.parent), gguf_file=src.gguf.name, dtype=torch.float32)
-    from .selection import class_name_of
-
     classes = {n: class_name_of(m) for n, m in model.named_modules() if n}
     sd, seen = {}, set()
     for n, t in model.state_dict().items():
@@ -810,8 +798,6 @@ def _check_device(device: str) -> str:
 
         if not torch.cuda.is_available():
             raise ScanError("--device cuda: torch sees no CUDA device here; use --device cpu")
-        from . import _cuda
-
         if not _cuda.available():
             raise ScanError("--device cuda: this aqn-rs build has no usable CUDA kernels "
                             "(aqn_rs.build_info()); reinstall with the kernels or use --device cpu")
@@ -835,8 +821,6 @@ def _prep(t, dtype: str, device: str):
 def _plan_layers(reader, classes, selector, skip_excluded: bool):
     """Layers to scan, in module order: (module, tensor, selected, rule, layer type) and the
     modules skipped with a reason."""
-    from .selection import ModuleSelector
-
     typed = ModuleSelector(exclude=(), layer_types=("linear", "embedding"))
     names = set(reader.names)
     layers, skipped = [], []
@@ -935,8 +919,6 @@ def scan(
         The results dict (schema `SCHEMA` version `SCHEMA_VERSION`, docs/SCANNER.md).
     """
     import torch
-
-    from .selection import ModuleSelector
 
     t_start = time.perf_counter()
     specs = format_specs(quant_type, scale_mode)
@@ -1048,8 +1030,6 @@ def calibration_texts(calib: str, n: int) -> Tuple[List[str], str]:
     if n <= 0:
         raise ScanError(f"--calib-samples must be positive, got {n}")
     if calib == "builtin":
-        from .experiments.data import builtin_problems
-
         recs = builtin_problems("test", n)
         return [f"{r['question']}\n{r['answer']}" for r in recs], f"builtin problems (test split, {n})"
     p = Path(calib).expanduser()
@@ -1501,20 +1481,6 @@ def format_report(results: Dict[str, Any], top: int = 5) -> str:
                          f"{tt['layers_better']}/{tt['layers_worse']}")
             lines.append("    by proj: " + ", ".join(f"{p} {_f(v.get('delta_sqnr_db'), '+.2f')}" for p, v in c["by_proj"].items()))
     return "\n".join(lines)
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only, no display), or None without matplotlib.
-    The scanner's and the experiments' plots both go through here."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        return plt
-    except ImportError:
-        return None
 
 
 def plot_results(results: Dict[str, Any], path: Union[str, os.PathLike], other: Optional[Dict[str, Any]] = None) -> Optional[Path]:

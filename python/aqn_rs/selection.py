@@ -38,9 +38,10 @@ Names are canonicalized first: the wrapper components ``_fsdp_wrapped_module``,
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from ._aqn_rs import LAYER_TYPES, ModuleSelector
+from .constants import DEFAULT_EXCLUDE, FUSED_GROUPS, VLLM_FUSED
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -48,13 +49,16 @@ __all__ = [
     "ModuleSelector",
     "SelectionRow",
     "canonical_name",
+    "fused_group_key",
+    "is_adapter",
+    "normalize_name",
+    "vllm_alias",
+    "fused_weight_groups",
     "class_name_of",
     "iter_selected",
     "layer_type_of",
     "selection_rows",
 ]
-
-DEFAULT_EXCLUDE: Tuple[str, ...] = ("lm_head", "embed_tokens")
 
 
 class SelectionRow(NamedTuple):
@@ -114,3 +118,71 @@ def iter_selected(model: Any, selector: Any) -> Iterator[Tuple[str, Any, str]]:
         selected, rule = sel.decide(name, class_name_of(module))
         if selected:
             yield name, module, rule
+
+
+def fused_weight_groups(module_names: Iterable[str]) -> List[Tuple[str, ...]]:
+    """The groups of Linear modules that vLLM fuses into one layer with one NVFP4 global scale.
+
+    Args:
+        module_names: qualified module names (e.g. the selected Linear layers of a model).
+
+    Returns:
+        Tuples of two or more names from `module_names` that share a parent module and form one
+        of `FUSED_GROUPS` (`q_proj/k_proj/v_proj`, `gate_proj/up_proj`, `q_a_proj/
+        kv_a_proj_with_mqa`), each in `FUSED_GROUPS` order. Fake quant that must equal what vLLM
+        computes uses, for every member, `amax = max(amax of the members)`.
+    """
+    found: Dict[Tuple[str, int], Dict[str, str]] = {}
+    for name in module_names:
+        key = fused_group_key(name)
+        if key is not None:
+            found.setdefault(key, {})[name.rpartition(".")[2]] = name
+    groups = []
+    for (parent, gi), members in found.items():
+        names = tuple(members[leaf] for leaf in FUSED_GROUPS[gi] if leaf in members)
+        if len(names) > 1:
+            groups.append(names)
+    return groups
+
+
+def fused_group_key(module_name: str) -> Optional[Tuple[str, int]]:
+    """`(parent module, index into FUSED_GROUPS)` of a module that is a member of a fused group,
+    else None: the key under which a streaming export collects a group's members."""
+    parent, _, leaf = module_name.rpartition(".")
+    for gi, group in enumerate(FUSED_GROUPS):
+        if leaf in group:
+            return parent, gi
+    return None
+
+
+# Names across HF (the actor, verl's weight sync), PEFT and vLLM (the rollout).
+
+_MEMBER_OF = {m: fused for fused, members in VLLM_FUSED.items() for m in members}
+_PEFT_PREFIX = "base_model.model."
+# PEFT's adapter modules: vLLM gets them unquantized and noise-free (add_lora), so the verl
+# plugin leaves them alone on the actor too.
+_PEFT_ADAPTERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a module name lies inside a PEFT LoRA adapter (`...q_proj.lora_A.default`)."""
+    return any(part in _PEFT_ADAPTERS for part in name.split("."))
+
+
+def normalize_name(name: str) -> str:
+    """A module or parameter name without FSDP/checkpoint/compile wrappers and PEFT's
+    `base_model.model.` / `.base_layer` components, so actor module names, verl's weight-sync
+    names and vLLM's names line up."""
+    name = canonical_name(name)
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX):]
+    return name.replace(".base_layer.", ".").removesuffix(".base_layer")
+
+
+def vllm_alias(module_name: str) -> Optional[str]:
+    """The vLLM module that holds an HF module's rows (`...q_proj` -> `...qkv_proj`), or None."""
+    parent, _, leaf = module_name.rpartition(".")
+    fused = _MEMBER_OF.get(leaf)
+    if fused is None:
+        return None
+    return f"{parent}.{fused}" if parent else fused

@@ -21,6 +21,10 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Optional
 
+from ..models import resolve_model
+from . import data as data_mod
+from . import outputs, verl_engine
+from .env import parse_sigmas, visible_gpus
 from .errors import ExperimentError
 
 COMMANDS = ("run", "sweep", "compare")
@@ -33,7 +37,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "auto: local (a verl cluster cannot be detected from here)")
     p.add_argument("--gpus", default="auto", help="GPUs to use: a number (0 = CPU) or auto (all visible, else CPU)")
     p.add_argument("--model", default=None, help="transformers model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=None, help="GSM8K jsonl folder (train.jsonl, test.jsonl) or file, or 'builtin' (the built-in arithmetic task; "
+    p.add_argument("--data", default=None,
+                   help="GSM8K jsonl folder (train.jsonl, test.jsonl) or file, or 'builtin' (the built-in arithmetic task; "
                         "the default of the local engine; the verl engine's default is the Hub's openai/gsm8k)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset and the CPU profile)")
     p.add_argument("--output", default="runs", help="folder that holds the run folders (default: runs)")
@@ -56,17 +61,9 @@ def add_cli(subparsers) -> None:
     c.add_argument("--name", default="compare", help="file name stem (default: compare)")
 
 
-def _visible_gpus() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def resolve_gpus(text: Any) -> int:
     """`auto` -> every visible GPU (0 without CUDA); N -> N, checked against what is present."""
-    present = _visible_gpus()
+    present = visible_gpus()
     if text in (None, "auto"):
         return present
     try:
@@ -83,10 +80,7 @@ def resolve_gpus(text: Any) -> int:
 
 def prepare(args, extra_overrides: Optional[List[str]] = None, name: Optional[str] = None) -> Dict[str, Any]:
     """Every check, cheapest first; returns the resolved config (with its `run` block)."""
-    from . import data as data_mod
     from . import presets
-    from .model import resolve_model
-
     if args.data == data_mod.BUILTIN:  # the local engine's default, named
         args.data = None
     overrides = list(args.overrides or []) + list(extra_overrides or [])
@@ -158,7 +152,7 @@ def execute(cfg: Dict[str, Any]) -> Dict[str, Any]:
     _fresh_run_dir(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     gpus = int(cfg["run"]["gpus"])
-    visible = _visible_gpus()
+    visible = visible_gpus()
     env = dict(os.environ)
     if 0 < gpus < visible:
         # Use the first `gpus` devices only (Trainer would wrap one process in DataParallel).
@@ -197,16 +191,6 @@ def _describe(cfg: Dict[str, Any]) -> str:
             f"  training: {yaml.safe_dump(t, default_flow_style=True, sort_keys=False).strip()}")
 
 
-def _sigmas(text: str) -> List[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ExperimentError(f"--sigma expects comma-separated numbers, got {text!r}") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise ExperimentError(f"--sigma expects positive numbers, got {text!r}")
-    return vals
-
-
 def run_cli(args) -> int:
     """Run a parsed `run`, `sweep` or `compare` command; returns the exit status."""
     try:
@@ -217,12 +201,8 @@ def run_cli(args) -> int:
 
 
 def _run(args) -> int:
-    from . import outputs
-
     cmd = getattr(args, "cmd", None) or getattr(args, "command", None)
     if getattr(args, "engine", None) == "verl" and cmd in ("run", "sweep"):
-        from . import verl_engine
-
         return verl_engine.run_cli(args)
     if cmd == "compare":
         res = outputs.compare(args.runs, pathlib.Path(args.output), args.name)
@@ -242,7 +222,7 @@ def _run(args) -> int:
     if cmd == "sweep":
         from .presets import load_preset
 
-        sigmas = _sigmas(args.sigma)
+        sigmas = parse_sigmas(args.sigma)
         base = load_preset(args.preset, args.overrides)
         n = base["noise_injection"]
         if not n.get("enabled"):

@@ -1,6 +1,6 @@
-"""The one error type of the experiment layer: its message is the one line the CLI prints."""
+"""The one error type of the experiment layer: its message is the one line the CLI prints.
+Defined with the package's other errors (`aqn_rs.errors`), under the `AqnError` root."""
 
+from ..errors import ExperimentError
 
-class ExperimentError(Exception):
-    """A run cannot start (unknown preset, unreadable data, missing model package, too few
-    GPUs, bad option). The message says what was wrong and what to do."""
+__all__ = ["ExperimentError"]

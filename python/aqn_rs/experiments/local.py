@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pathlib
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from .._aqn_rs import __version__
+from ..aqn import AqnNoise
+from ..models import converted_folder, load_model_and_tokenizer, resolve_model
 from . import data as data_mod
 from . import outputs, presets
 from .errors import ExperimentError
-from .model import converted_folder, load_model_and_tokenizer, resolve_model
 from .reward import Gsm8kReward, compute_score
 
 # ---- validation ------------------------------------------------------------------------------
@@ -296,8 +297,6 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
     import torch
     from transformers import TrainerCallback, set_seed
 
-    import aqn_rs
-
     # Everything is read from local files; never wait on a hub that is not reachable.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run = cfg["run"]
@@ -329,7 +328,9 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
     qhandle = None
     quantizer = presets.quantizer_from(cfg)
     if quantizer is not None:
-        qhandle = aqn_rs.quantize_model(model, quantizer, **presets.quantize_kwargs(cfg))
+        from ..hooks import quantize_model  # torch
+
+        qhandle = quantize_model(model, quantizer, **presets.quantize_kwargs(cfg))
         _log(f"fake quant: {len(qhandle.modules)} modules, {quantizer!r}, {cfg['quantization']['injection_point']}")
 
     lr = float(t["learning_rate"])
@@ -353,8 +354,6 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
     driver = None
     nk = presets.noise_kwargs(cfg)
     if nk is not None:
-        from ..aqn import AqnNoise
-
         noise = AqnNoise.from_config(nk, total_steps=int(t["steps"]))
         driver = NoiseDriver(model, noise)
         _log(f"AQN: {presets.describe(cfg)[1]}, apply_to={driver.apply_to} ({driver.mode})")
@@ -479,7 +478,7 @@ def run_local(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
             "sample_completion": state["val"].get(final_step, {}).get("sample"),
             "skipped_nonfinite_steps": state["skipped"],
             "processes": trainer.accelerator.num_processes,
-            "aqn_rs_version": aqn_rs.__version__,
+            "aqn_rs_version": __version__,
         })
         outputs.write_summary(run_dir, summary)
         outputs.plot_curves(run_dir, records, title=cfg["name"])
@@ -496,7 +495,6 @@ def _dataset(Dataset, rows):
     MonthDayNano`, seen on the H100, docs/RESULTS.md); a content hash is just as unique here.
     """
     import hashlib
-    import json
 
     from datasets.table import InMemoryTable
 

@@ -23,7 +23,7 @@ import math
 import pathlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from ..scan import pyplot
+from .._plot import pyplot
 from .errors import ExperimentError
 
 # TRL log keys kept in metrics.jsonl (renamed where the plan uses another word).

@@ -19,14 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ..constants import APPLY_TO, DECAYS, DEFAULT_EXCLUDE, INJECTION_POINTS, SCALE_MODES, STE_MODES, TRAIN_FORMATS
+from ..quantizers import Mxfp4Quantizer, Nvfp4Quantizer
 from .errors import ExperimentError
 
-FORMATS = ("none", "mxfp4", "nvfp4")
-SCALE_MODES = ("floor", "rceil", "even", "ceil")
-INJECTION_POINTS = ("weight", "activation", "both")
+FORMATS = TRAIN_FORMATS
 NOISE_LAYERS = ("linear", "rmsnorm")
-APPLY_TO = ("actor", "rollout", "both")
-DECAYS = ("exponential", "constant", "linear", "cosine")
 MODES = ("full", "lora")
 
 # The plan's presets, in the order of its table (shared/DESIGN.md).
@@ -167,14 +165,14 @@ def validate(cfg: Dict[str, Any]) -> None:
     if fmt != "none":
         q.setdefault("injection_point", "weight")
         q.setdefault("layer_types", ["linear"])
-        q.setdefault("exclude", ["lm_head", "embed_tokens"])
+        q.setdefault("exclude", list(DEFAULT_EXCLUDE))
         q.setdefault("ste", "identity")
         if fmt == "mxfp4":
             q.setdefault("scale_mode", "floor")
             _need(q["scale_mode"] in SCALE_MODES, f"quantization.scale_mode must be one of {SCALE_MODES}, got {q['scale_mode']!r}")
         _need(q["injection_point"] in INJECTION_POINTS,
               f"quantization.injection_point must be one of {INJECTION_POINTS}, got {q['injection_point']!r}")
-        _need(q["ste"] in ("identity", "clipped"), f"quantization.ste must be identity or clipped, got {q['ste']!r}")
+        _need(q["ste"] in STE_MODES, f"quantization.ste must be identity or clipped, got {q['ste']!r}")
         _need(isinstance(q["exclude"], list), "quantization.exclude must be a list of patterns")
     cfg["quantization"] = q
 
@@ -226,13 +224,11 @@ def effective_training(cfg: Dict[str, Any], on_gpu: bool) -> Dict[str, Any]:
 
 def quantizer_from(cfg: Dict[str, Any]):
     """The preset's quantizer object, or None for an unquantized run."""
-    import aqn_rs
-
     q = cfg["quantization"]
     if q["format"] == "mxfp4":
-        return aqn_rs.Mxfp4Quantizer(q.get("scale_mode", "floor"))
+        return Mxfp4Quantizer(q.get("scale_mode", "floor"))
     if q["format"] == "nvfp4":
-        return aqn_rs.Nvfp4Quantizer()
+        return Nvfp4Quantizer()
     return None
 
 

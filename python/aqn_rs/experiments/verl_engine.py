@@ -35,7 +35,12 @@ import subprocess
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..integrations.verl import parse_config
+from . import outputs
+from .data import BUILTIN, SYSTEM_PROMPT, load_data, parse_mix, prompt_messages, read_jsonl
+from .env import parse_sigmas, visible_gpus
 from .errors import ExperimentError
+from .reward import GSM8K_SUFFIX, ground_truth
 
 PLUGIN = "aqn_rs.integrations.verl"
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -101,9 +106,6 @@ def verl_rows(records: Sequence[Dict[str, Any]], split: str, system_prompt: Opti
     """GSM8K records ({question, answer}) as verl's parquet rows, field for field what verl's
     examples/data_preprocess/gsm8k.py writes; with `system_prompt`, the prompt is the local
     engine's (that system message, then the same user message)."""
-    from .data import prompt_messages
-    from .reward import GSM8K_SUFFIX, ground_truth
-
     rows = []
     for idx, r in enumerate(records):
         question, answer = str(r["question"]), str(r["answer"])
@@ -122,8 +124,6 @@ def verl_rows(records: Sequence[Dict[str, Any]], split: str, system_prompt: Opti
 def read_records(data: Optional[str], mix: Any = None) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], str]:
     """(train, test, description) from `--data` (folder or jsonl file, or `builtin`: the local
     engine's arithmetic task) or the Hub's openai/gsm8k."""
-    from .data import BUILTIN, load_data, read_jsonl
-
     if data == BUILTIN:
         return load_data(None, mix=mix)
     if data is None:
@@ -171,8 +171,6 @@ def prepare_data(data: Optional[str], out_dir: pathlib.Path, mix: Any = None
                  ) -> Tuple[pathlib.Path, pathlib.Path, str]:
     """Write train.parquet and test.parquet for verl into `out_dir`; returns their paths and a
     description of the source (`mix`: the built-in task's levels, preset key data.builtin_mix)."""
-    from .data import BUILTIN, SYSTEM_PROMPT
-
     train, test, desc = read_records(data, mix)
     # The built-in task keeps the local engine's prompt: its worked example is what lets a
     # 135M model write `#### n` at all (data.py), so verl's strict GSM8K reward can score it.
@@ -186,8 +184,6 @@ def prepare_data(data: Optional[str], out_dir: pathlib.Path, mix: Any = None
 
 def describe_data(data: Optional[str]) -> str:
     """What `prepare_data` will read, checked without reading it (for --dry-run)."""
-    from .data import BUILTIN
-
     if data == BUILTIN:
         return "builtin arithmetic word problems (the local engine's task and prompt), scored by verl's GSM8K rule"
     if data is None:
@@ -280,8 +276,6 @@ def overrides(cfg: Dict[str, Any], run_dir: str, gpus: int, data_dir: str, model
         items.append(("trainer.total_training_steps", int(steps)))
     quant, noise = plugin_blocks(cfg)
     if quant is not None or noise is not None:
-        from ..integrations.verl import parse_config
-
         try:  # the plugin's own check, so a bad preset fails here and not in a Ray worker
             parse_config(quant, noise)
         except Exception as e:
@@ -374,8 +368,6 @@ def convert_metrics(lines: Iterable[str]) -> List[Dict[str, Any]]:
 
 def finish_run(cfg: Dict[str, Any], run_dir: pathlib.Path) -> Dict[str, Any]:
     """metrics.jsonl, summary.json and curves.png of a finished verl run."""
-    from . import outputs
-
     src = run_dir / "verl_metrics.jsonl"
     if not src.is_file():
         raise ExperimentError(f"verl wrote no metrics ({src} missing): see its output above")
@@ -433,9 +425,7 @@ def worker_env() -> Dict[str, str]:
 
 
 def _gpus(text: Any, dry_run: bool) -> Tuple[int, str]:
-    from .cli import _visible_gpus
-
-    present = _visible_gpus()
+    present = visible_gpus()
     if text in (None, "auto"):
         if present:
             return present, f"{present} GPU(s) (all visible)"
@@ -470,8 +460,6 @@ def plan_run(args: Any, extra_overrides: Sequence[str] = (), name: Optional[str]
     gpus, gpu_desc = _gpus(getattr(args, "gpus", "auto"), dry)
     data_desc = describe_data(args.data)
     if args.data == "builtin":  # its level mix is checked here, not in the Ray job
-        from .data import parse_mix
-
         parse_mix((cfg.get("data") or {}).get("builtin_mix"))
     run_name = name or args.name or cfg["name"]
     cfg["name"] = run_name
@@ -520,12 +508,6 @@ def execute(cfg: Dict[str, Any], data: Optional[str]) -> Dict[str, Any]:
     return finish_run(cfg, run_dir)
 
 
-def _sigmas(text: str) -> List[float]:
-    from .cli import _sigmas as parse
-
-    return parse(text)
-
-
 def run_cli(args: Any) -> int:
     """`aqn-rs run|sweep ... --engine verl` (raises ExperimentError, which the CLI prints)."""
     cmd = getattr(args, "cmd", None) or getattr(args, "command", None)
@@ -540,7 +522,7 @@ def run_cli(args: Any) -> int:
               f"files in {cfg['run']['output']}")
         return 0
     if cmd == "sweep":
-        from . import outputs, presets
+        from . import presets  # yaml
 
         base = presets.load_preset(args.preset, args.overrides)
         n = base["noise_injection"]
@@ -548,7 +530,7 @@ def run_cli(args: Any) -> int:
             raise ExperimentError(f"preset {args.preset} has no AQN block (noise_injection.enabled is false): nothing to sweep")
         ratio = float(n["sigma_end"]) / float(n["sigma_start"]) if n["sigma_start"] else 1.0
         cfgs = [plan_run(args, [f"noise_injection.sigma_start={s!r}", f"noise_injection.sigma_end={s * ratio!r}"],
-                         f"{args.name or base['name']}-sigma{s:g}") for s in _sigmas(args.sigma)]
+                         f"{args.name or base['name']}-sigma{s:g}") for s in parse_sigmas(args.sigma)]
         for c in cfgs:
             print(describe(c), flush=True)
         if args.dry_run:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import importlib
@@ -63,11 +62,20 @@ import inspect
 import json
 import logging
 import math
-import time
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from .._aqn_rs import SigmaScheduler
+from ..aqn import AqnNoise, _channel_rms, gaussian_noise
+from ..constants import APPLY_TO, SCALE_MODES, STE_MODES, TRAIN_FORMATS, VLLM_FUSED
+from ..constants import DEFAULT_EXCLUDE as _DEFAULT_EXCLUDE
+from ..errors import VerlPluginError
+from ..quantizers import Mxfp4Quantizer, Nvfp4Quantizer
+from ..selection import ModuleSelector, canonical_name, class_name_of, is_adapter, normalize_name, vllm_alias
+from . import verl_probe
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +103,14 @@ __all__ = [
 ]
 
 
-class VerlPluginError(RuntimeError):
-    """The plugin cannot do what its config asks: a bad key or value, an unsupported verl
-    version or setting, or a process that did not import the plugin. The message names the
-    key, version or setting and what to do."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
 
 QUANT_BLOCK = "trainer.quantization"
 NOISE_BLOCK = "trainer.noise_injection"
-DEFAULT_EXCLUDE = ["lm_head", "embed_tokens"]
+# A list, as the config a user writes in YAML has it.
+DEFAULT_EXCLUDE = list(_DEFAULT_EXCLUDE)
 QUANT_DEFAULTS: Dict[str, Any] = {
     "format": "none",  # none | mxfp4 | nvfp4
     "scale_mode": "floor",  # MXFP4 only (docs/FORMATS.md)
@@ -132,8 +135,8 @@ NOISE_DEFAULTS: Dict[str, Any] = {
     "exclude": DEFAULT_EXCLUDE,
     "include": None,
 }
-_FORMATS = ("none", "mxfp4", "nvfp4")
-_STE_MODES = ("identity", "clipped")  # aqn_rs.hooks.STE_MODES (not imported: it needs torch)
+_FORMATS = TRAIN_FORMATS
+_STE_MODES = STE_MODES
 
 
 def _plain(x: Any) -> Any:
@@ -194,8 +197,6 @@ def _as_bool(v: Any, key: str) -> bool:
 
 
 def _check_quant(block: Any) -> Optional[Dict[str, Any]]:
-    from ..quantizers import SCALE_MODES
-
     q = _merge(block, QUANT_DEFAULTS, QUANT_BLOCK)
     if q["format"] not in _FORMATS:
         raise VerlPluginError(f"{QUANT_BLOCK}.format must be one of {_FORMATS}, got {q['format']!r}")
@@ -224,9 +225,6 @@ def _check_quant(block: Any) -> Optional[Dict[str, Any]]:
 
 
 def _check_noise(block: Any) -> Optional[Dict[str, Any]]:
-    from .._aqn_rs import SigmaScheduler
-    from ..aqn import APPLY_TO
-
     n = _merge(block, NOISE_DEFAULTS, NOISE_BLOCK)
     n["enabled"] = _as_bool(n["enabled"], f"{NOISE_BLOCK}.enabled")
     if not n["enabled"]:
@@ -280,8 +278,6 @@ class PluginConfig:
 
     def scheduler(self):
         """The `SigmaScheduler` of the noise block over `total_steps` (None without AQN)."""
-        from .._aqn_rs import SigmaScheduler
-
         if self.noise is None:
             return None
         if not self.total_steps:
@@ -331,45 +327,6 @@ def _config_from_forwarded(node: Any) -> Optional[PluginConfig]:
 # Names: HF (actor, weight sync) and vLLM (rollout) modules
 # ---------------------------------------------------------------------------------------------
 
-# vLLM's fused Linear modules and the HF modules whose rows they stack, in order
-# (vLLM's stacked_params_mapping; aqn_rs.export.FUSED_GROUPS).
-VLLM_FUSED: Dict[str, Tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
-}
-_MEMBER_OF = {m: fused for fused, members in VLLM_FUSED.items() for m in members}
-_PEFT_PREFIX = "base_model.model."
-# PEFT's adapter modules: vLLM gets them unquantized and noise-free (add_lora), so the actor too.
-_PEFT_ADAPTERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
-
-def is_adapter(name: str) -> bool:
-    """Whether a module name lies inside a PEFT LoRA adapter (`...q_proj.lora_A.default`)."""
-    return any(part in _PEFT_ADAPTERS for part in name.split("."))
-
-
-def normalize_name(name: str) -> str:
-    """A module or parameter name without FSDP/checkpoint/compile wrappers and PEFT's
-    `base_model.model.` / `.base_layer` components, so actor module names, verl's weight-sync
-    names and vLLM's names line up."""
-    from ..selection import canonical_name
-
-    name = canonical_name(name)
-    if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX):]
-    return name.replace(".base_layer.", ".").removesuffix(".base_layer")
-
-
-def vllm_alias(module_name: str) -> Optional[str]:
-    """The vLLM module that holds an HF module's rows (`...q_proj` -> `...qkv_proj`), or None."""
-    parent, _, leaf = module_name.rpartition(".")
-    fused = _MEMBER_OF.get(leaf)
-    if fused is None:
-        return None
-    return f"{parent}.{fused}" if parent else fused
-
-
 def select_linear(model: Any, exclude: Sequence[str], include: Optional[Sequence[str]]) -> List[str]:
     """Names of the `nn.Linear` modules of `model` that get fake quant.
 
@@ -378,8 +335,6 @@ def select_linear(model: Any, exclude: Sequence[str], include: Optional[Sequence
     (`*.qkv_proj` excludes q/k/v_proj); with `include`, a match on either name includes it.
     """
     import torch
-
-    from ..selection import ModuleSelector, class_name_of
 
     sel = ModuleSelector(include=include, exclude=tuple(exclude), layer_types=("linear",))
     out = []
@@ -407,14 +362,10 @@ def select_linear(model: Any, exclude: Sequence[str], include: Optional[Sequence
 
 
 def _quantizer(q: Mapping[str, Any]):
-    from ..quantizers import Mxfp4Quantizer, Nvfp4Quantizer
-
     return Mxfp4Quantizer(q["scale_mode"]) if q["format"] == "mxfp4" else Nvfp4Quantizer()
 
 
 def _noise_class():
-    from ..aqn import AqnNoise
-
     class ActorNoise(AqnNoise):
         """AQN in the actor's forwards: also in verl's log-prob recompute, which runs the
         model in eval mode, so the old log-probs, the update and the rollout (apply_to both)
@@ -489,8 +440,6 @@ class ActorState:
     def wrap_sync(self, named_tensors: Iterable[Tuple[str, Any]]) -> Iterator[Tuple[str, Any]]:
         """The weight-sync stream with the quantized Linear weights fake-quantized (recorded
         for `verl_probe` when `AQN_RS_PROBE_DIR` is set)."""
-        from . import verl_probe
-
         def quantize(stream):
             return quant_sync(stream, self.quantizer, self.quant_modules, groups=self.groups,
                               param_dtype=self.param_dtype, on_done=self._sync_done)
@@ -740,9 +689,6 @@ def vllm_layout(name: str, module: Any, weight: Any) -> Optional[_Layout]:
 
 
 def _vllm_noise_class():
-    from ..aqn import AqnNoise, _channel_rms, gaussian_noise
-    from ..selection import canonical_name, class_name_of
-
     class VllmNoise(AqnNoise):
         """`AqnNoise` on a vLLM model: fused and tensor-parallel Linear weights get the rows
         (columns) of the noise the actor draws for the unfused HF weights."""
@@ -912,8 +858,6 @@ def _trainer_setup(trainer: Any) -> None:
         with open_dict(arr):
             arr[FORWARD_KEY] = cfg.forwarded()
     _TRAINER = TrainerState(cfg)
-    from . import verl_probe
-
     verl_probe.write_meta(cfg.forwarded())
     logger.warning("aqn_rs: %s; AQN: %s; schedule over %d global steps", cfg.quantization, cfg.noise, cfg.total_steps)
 
@@ -989,8 +933,6 @@ def _after_sync_step(state: Optional[TrainerState], global_steps: Any) -> Option
 def _probe_tag(kind: str, args: tuple, kwargs: Dict[str, Any]) -> Optional[str]:
     """The `verl_probe` record name of the replicas' state after a sync (`kind` synced /
     noised) of a probed step, or None."""
-    from . import verl_probe
-
     gs = _arg(args, kwargs, 0, "global_steps")
     if _TRAINER is None or _TRAINER.validating or not verl_probe.probes(gs):
         return None
@@ -1227,8 +1169,6 @@ def _wrap_validate(orig: Callable) -> Callable:
         try:
             _rpc_sync(replicas, "aqn_rs_restore", {})
             _clear_prefix_cache_sync(replicas)
-            from . import verl_probe
-
             if st.applied_step is not None and verl_probe.probes(st.applied_step):
                 _rpc_sync(replicas, "aqn_rs_probe", {"tag": f"v{st.applied_step}-clean"})
             return orig(self, *args, **kwargs)
@@ -1277,8 +1217,6 @@ def _aqn_rs_restore(self) -> int:
 
 
 def _aqn_rs_probe(self, tag: str) -> int:
-    from . import verl_probe
-
     with _VLLM_LOCK:
         return verl_probe.worker_dump(self, tag, _worker_models(self))
 

@@ -38,6 +38,10 @@ import pathlib
 import sys
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from ..aqn import AqnNoise
+from ..constants import VLLM_FUSED
+from ..selection import normalize_name
+
 logger = logging.getLogger(__name__)
 
 ENV_DIR = "AQN_RS_PROBE_DIR"
@@ -166,8 +170,6 @@ def _bits_equal(a, b) -> bool:
 
 
 def _hf_members(vllm_name: str) -> Optional[List[str]]:
-    from .verl import VLLM_FUSED
-
     mod, _, leaf = vllm_name.rpartition(".")  # "...self_attn.qkv_proj", "weight"
     parent, _, fused = mod.rpartition(".")
     members = VLLM_FUSED.get(fused)
@@ -184,8 +186,6 @@ def _reference_fake_quant(actor: Dict[str, Any], sent_in: Dict[str, Any], device
     import torch
 
     from .. import reference as ref
-    from .verl import normalize_name
-
     dtype = getattr(torch, actor["param_dtype"])
     by_mod = {normalize_name(n[: -len(".weight")]): n for n in sent_in if n.endswith(".weight")}
     amax: Dict[str, float] = {}
@@ -226,8 +226,6 @@ def check(dir_: str, device: Optional[str] = None) -> Dict[str, Any]:
         return report
     noise = None
     if noise_cfg:
-        from ..aqn import AqnNoise
-
         noise = AqnNoise.from_config(noise_cfg, int(meta["total_steps"]), apply_to="rollout")
     prev_in = None
     for s in steps:
@@ -327,7 +325,8 @@ def check(dir_: str, device: Optional[str] = None) -> Dict[str, Any]:
             continue
         clean, synced = _load(clean_path), _load(synced_path)
         bad = [n for n in synced if n not in clean or not _bits_equal(clean[n], synced[n])]
-        ok(f"v{s} {worker} validation on clean weights", not bad, f"{len(synced) - len(bad)}/{len(synced)} parameters equal the synced ones")
+        ok(f"v{s} {worker} validation on clean weights", not bad,
+           f"{len(synced) - len(bad)}/{len(synced)} parameters equal the synced ones")
     report["passed"] = not report["failures"]
     return report
 
