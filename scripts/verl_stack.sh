@@ -512,9 +512,8 @@ run() {
     [ -n "$dry" ] || mkdir -p "$outdir" "$out"
     if [ -n "$dry" ]; then
         for p in "$@"; do
-            # shellcheck disable=SC2206
-            compose_check "$PY" -m aqn_rs.experiments.cli run "$p" --engine verl --gpus "$gpus" --model "$model" \
-                --data "$data" --output "$outdir" --steps "$steps" "${small[@]}" ${RUN_ARGS:-}
+            preset_cmd "$p" "$outdir" "$model" "$data" "$steps" "$gpus" "${small[@]}"
+            compose_check "${PRESET_CMD[@]}"
         done
         return 0
     fi
@@ -546,15 +545,23 @@ run() {
     cat "$out/verl_runs.txt"
 }
 
+# The `aqn-rs run PRESET --engine verl` command of one preset, into the array PRESET_CMD.
+preset_cmd() {
+    local p=$1 outdir=$2 model=$3 data=$4 steps=$5 gpus=$6
+    shift 6
+    # shellcheck disable=SC2206
+    PRESET_CMD=("$PY" -m aqn_rs.experiments.cli run "$p" --engine verl --gpus "$gpus" --model "$model"
+                --data "$data" --output "$outdir" --steps "$steps" "$@" ${RUN_ARGS:-})
+}
+
 # One `aqn-rs run PRESET --engine verl`, cut at RUN_TIMEOUT s, then its probe checked and its
 # files copied to $out (as a .tgz when several presets run).
 run_one() {
     local p=$1 outdir=$2 out=$3 model=$4 data=$5 steps=$6 gpus=$7
     shift 7
     local cmd t0=$SECONDS rc=0
-    # shellcheck disable=SC2206
-    cmd=("$PY" -m aqn_rs.experiments.cli run "$p" --engine verl --gpus "$gpus" --model "$model"
-         --data "$data" --output "$outdir" --steps "$steps" "$@" ${RUN_ARGS:-})
+    preset_cmd "$p" "$outdir" "$model" "$data" "$steps" "$gpus" "$@"
+    cmd=("${PRESET_CMD[@]}")
     # PROBE=1 (default), or a comma list of the presets to probe: the plugin records the syncs of
     # steps 0..PROBE_STEPS and the vLLM workers' live weights, checked after the run
     # (aqn_rs/integrations/verl_probe.py)
