@@ -291,6 +291,38 @@ def test_sync_is_what_the_actor_forward_computes_with(fmt):
         assert torch.equal(up(x), F.linear(x, synced["model.layers.0.mlp.up_proj.weight"]))
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("batch_bytes", [1, 256 << 20])
+def test_sync_error_statistics_equal_a_float64_reference(fmt, batch_bytes, monkeypatch):
+    """The sync's error statistics (multi-tensor norms over batches of tensors, a batch cut
+    where the dtype changes) == the same quantities in float64 from the synced weights: per
+    tensor ||w - q|| / ||w||, their max, the total and the SQNR; a batch of one tensor (1 byte)
+    and one batch for the whole stream agree."""
+    monkeypatch.setattr(plugin, "_STATS_BATCH_BYTES", batch_bytes)
+    model = hf_model(torch.float32)
+    state = clean_state(model)
+    # half the layers stream in bf16 and half in f32, and no param_dtype cast: batches must
+    # be cut where the dtype changes
+    state = {n: (t.to(torch.bfloat16) if ".layers.0." in n else t) for n, t in state.items()}
+    st = plugin.ActorState(model, cfg({"format": fmt}))
+    got = {}
+    synced = dict(plugin.quant_sync(iter(state.items()), st.quantizer, st.quant_modules, groups=st.groups,
+                                    param_dtype=None, on_done=got.update))
+    assert {t.dtype for n, t in synced.items() if t is not state[n]} == {torch.bfloat16, torch.float32}
+    es, rs, per = 0.0, 0.0, []
+    for n, t in synced.items():
+        if t is state[n]:
+            continue
+        w, q = state[n].double(), t.double()
+        e, r = float(((w - q) ** 2).sum()), float((w ** 2).sum())
+        es, rs = es + e, rs + r
+        per.append(math.sqrt(e / r))
+    assert got["tensors"] == len(per) == 7 * LAYERS
+    assert got["rel_error"] == pytest.approx(math.sqrt(es / rs), rel=1e-5)
+    assert got["max_rel_error"] == pytest.approx(max(per), rel=1e-5)
+    assert got["sqnr_db"] == pytest.approx(10 * math.log10(rs / es), rel=1e-5)
+
+
 def test_sync_group_amax_is_shared_for_nvfp4():
     model = hf_model(torch.bfloat16)
     st = plugin.ActorState(model, cfg({"format": "nvfp4"}), param_dtype=torch.bfloat16)

@@ -481,6 +481,10 @@ def _group_amax_objects(handle: Any) -> List[Any]:
     return list(found.values())
 
 
+# Weights per batch of quant_sync's error norms (see there).
+_STATS_BATCH_BYTES = 256 << 20
+
+
 def quant_sync(
     named_tensors: Iterable[Tuple[str, Any]],
     quantizer: Any,
@@ -521,9 +525,29 @@ def quant_sync(
     groups = dict(groups or {})
     pending: Dict[Tuple[str, ...], Dict[str, Tuple[str, Any]]] = {}
     seen: set = set()
-    errs: List[Any] = []
-    refs: List[Any] = []
+    errs: List[Any] = []  # ||w - q(w)|| per tensor (f32, on the tensors' device)
+    refs: List[Any] = []  # ||w|| per tensor
+    # The error norms are taken a batch of tensors at a time with torch's multi-tensor
+    # (`_foreach_*`) kernels: per tensor, casts to f32, a subtraction and two sums were ~10
+    # launches and ~90% of this function's time on a 1.5B model (docs/BENCHMARKS.md). `w - q`
+    # is exact in the weights' own dtype (q is w rounded to a coarser grid, so q/2 <= w <= 2q,
+    # or q == 0: Sterbenz), and the norms accumulate in f32. A batch holds at most
+    # _STATS_BATCH_BYTES of weights, which bounds the memory the statistics keep alive.
+    batch_w: List[Any] = []
+    batch_q: List[Any] = []
+    batch_bytes = [0]
     spent = [0.0]
+    nvfp4 = quantizer.format == "nvfp4"
+
+    def stats_flush():
+        if not batch_w:
+            return
+        with torch.no_grad():
+            errs.extend(torch._foreach_norm(torch._foreach_sub(batch_w, batch_q), 2, dtype=torch.float32))
+            refs.extend(torch._foreach_norm(batch_w, 2, dtype=torch.float32))
+        batch_w.clear()
+        batch_q.clear()
+        batch_bytes[0] = 0
 
     def fq(w, amax=None):
         t0 = time.perf_counter()
@@ -531,11 +555,14 @@ def quant_sync(
         if param_dtype is not None and w.dtype != param_dtype:
             w = w.to(param_dtype)
         w = w.contiguous()
-        qw = quantizer.fake_quant(w, amax=amax) if quantizer.format == "nvfp4" else quantizer.fake_quant(w)
-        with torch.no_grad():
-            wf = w.float()
-            errs.append((wf - qw.float()).square().sum())
-            refs.append(wf.square().sum())
+        qw = quantizer.fake_quant(w, amax=amax) if nvfp4 else quantizer.fake_quant(w)
+        if batch_w and (batch_w[0].device != w.device or batch_w[0].dtype != w.dtype):
+            stats_flush()  # a multi-tensor batch is of one device and dtype
+        batch_w.append(w)
+        batch_q.append(qw)
+        batch_bytes[0] += w.numel() * w.element_size()
+        if batch_bytes[0] >= _STATS_BATCH_BYTES:
+            stats_flush()
         spent[0] += time.perf_counter() - t0
         return qw
 
@@ -544,9 +571,10 @@ def quant_sync(
         ws = {m: (n, t.detach().to(param_dtype) if param_dtype is not None else t.detach())
               for m, (n, t) in members.items()}
         amax = None
-        if len(ws) > 1:
+        if nvfp4 and len(ws) > 1:
+            ts = [t for _, t in ws.values()]
             with torch.no_grad():
-                amax = torch.stack([t.abs().amax().float() for _, t in ws.values()]).amax()
+                amax = torch.stack([t.abs().amax().float() for t in ts]).amax()
         spent[0] += time.perf_counter() - t0
         for m, (n, t) in ws.items():
             yield n, fq(t, amax)
@@ -576,10 +604,11 @@ def quant_sync(
             "rollout would run unquantized weights"
         )
     t0 = time.perf_counter()
+    stats_flush()
     stats: Dict[str, float] = {"tensors": float(len(errs))}
     if errs:
-        e = torch.stack([x.to(errs[0].device) for x in errs])
-        r = torch.stack([x.to(errs[0].device) for x in refs])
+        e = torch.stack([x.to(errs[0].device) for x in errs]).square()
+        r = torch.stack([x.to(errs[0].device) for x in refs]).square()
         tot_e, tot_r = float(e.sum()), float(r.sum())
         per = (e / r.clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
         stats["rel_error"] = math.sqrt(tot_e / tot_r) if tot_r > 0 else 0.0
