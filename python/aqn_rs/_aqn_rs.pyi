@@ -73,7 +73,7 @@ def nvfp4_global_scale(amax: float) -> float: ...
 def cpu_threads() -> int: ...
 
 # =============================================================================================
-# AQN: module selection, sigma schedule, noise (src/aqn.rs). Errors: ValueError for bad values
+# AQN: module selection, sigma schedule, noise (src/aqn/). Errors: ValueError for bad values
 # and configs (messages say what was expected), TypeError for wrong types.
 # =============================================================================================
 
@@ -196,9 +196,9 @@ def philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> list[int]:
 
 def fnv1a64(data: bytes) -> int: ...
 
-# ---- CUDA launch side (src/cuda.rs). Pointers are device addresses (`tensor.data_ptr()`),
-# `stream` is `torch.cuda.current_stream(device).cuda_stream`; buffers are allocated by the
-# caller (python/aqn_rs/_cuda.py). Every pointer, device and size is validated before launch;
+# ---- CUDA launch side (src/cuda/: mod.rs binds, ops.rs checks and launches). Pointers are
+# device addresses (`tensor.data_ptr()`), `stream` is `torch.cuda.current_stream(device).cuda_stream`;
+# buffers are allocated by the caller (python/aqn_rs/_cuda.py). Every pointer, device and size is validated before launch;
 # a build without kernels raises RuntimeError from each of these.
 
 CUDA_AMAX_SCRATCH: int
