@@ -32,7 +32,8 @@ The result is a JSON-serialisable dict with a versioned schema (`SCHEMA`, `SCHEM
 The package, one concern a module (each imports only the ones above it):
 
 * `metrics`: the format specs, the gain ladder, one tensor's raw statistics and metrics.
-* `source`: `resolve_model` and `ModelSource`, where a scan reads its weights from.
+* `source`: `resolve_model` and `ModelSource`, where a scan reads its weights from (with the
+  reader of `aqn_rs.checkpoint`, which the export reads with too).
 * `layers`: the per-layer plan (projection type, layer index, device, fused groups' amax).
 * `calibration`: the per-layer output error on calibration data and the NLL change.
 * `report`: summary, comparison, JSON, terminal report and plot of the results.
@@ -47,6 +48,7 @@ from __future__ import annotations
 # The `x as x` imports re-export names the single-module scanner had outside __all__, so that
 # `aqn_rs.scan.x` still works: the shared constants, which tests/test_constants.py checks are
 # the constants module's, and the gain-scan edges, which tests/test_scan.py checks directly.
+from ..checkpoint import SafetensorsReader
 from ..constants import DEFAULT_EXCLUDE
 from ..constants import SCALE_MODES as SCALE_MODES
 from ..errors import ScanError
@@ -75,7 +77,7 @@ from .metrics import (
 )
 from .metrics import _edges as _edges
 from .report import compare_scans, format_report, load_results, plot_results, summarize, write_results
-from .source import ModelSource, SafetensorsReader, resolve_model
+from .source import ModelSource, resolve_model
 
 __all__ = [
     "DEFAULT_EXCLUDE", "FormatSpec", "ModelSource", "QUANT_TYPES", "SCHEMA", "SCHEMA_VERSION",

@@ -26,7 +26,7 @@ from .metrics import (
     tensor_raw_stats,
 )
 from .report import summarize
-from .source import _open_source, resolve_model
+from .source import _open_source, checkpoint_errors, resolve_model
 
 
 def scan(
@@ -89,59 +89,61 @@ def scan(
         raise ScanError(f"bad include/exclude pattern: {e}") from None
     src = resolve_model(model)
     t_open = time.perf_counter()
-    reader, classes = _open_source(src)
-    t_open = time.perf_counter() - t_open
-    layers, skipped = _plan_layers(reader, classes, selector, skip_excluded)
-    if not layers:
-        raise ScanError(f"{src.path}: no Linear or Embedding layer with a 2-D float weight was found "
-                        f"(module classes seen: {sorted(set(classes.values()))[:12]})")
+    # a weight that cannot be read (cut short, an unsupported dtype) stops the scan as a ScanError
+    with checkpoint_errors():
+        reader, classes = _open_source(src)
+        t_open = time.perf_counter() - t_open
+        layers, skipped = _plan_layers(reader, classes, selector, skip_excluded)
+        if not layers:
+            raise ScanError(f"{src.path}: no Linear or Embedding layer with a 2-D float weight was found "
+                            f"(module classes seen: {sorted(set(classes.values()))[:12]})")
 
-    timing = {"open_s": t_open, "read_s": 0.0, "compute_s": 0.0}
-    if hasattr(reader, "nbytes"):
-        reader.reserve(max(reader.nbytes(tname) for _, tname, *_ in layers))
-    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
-    group_amax = _group_amaxes(reader, layers, specs, fuse_global_scales, dtype, device, timing)
-    n_rungs = len(gain_ladder())
-    pooled = {s.key: {"response_sum": [0.0] * n_rungs, "probe_dead": [0] * n_rungs,
-                      "probe_clipped": [0] * n_rungs, "blocks": 0} for s in specs}
+        timing = {"open_s": t_open, "read_s": 0.0, "compute_s": 0.0}
+        if hasattr(reader, "nbytes"):
+            reader.reserve(max(reader.nbytes(tname) for _, tname, *_ in layers))
+        sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+        group_amax = _group_amaxes(reader, layers, specs, fuse_global_scales, dtype, device, timing)
+        n_rungs = len(gain_ladder())
+        pooled = {s.key: {"response_sum": [0.0] * n_rungs, "probe_dead": [0] * n_rungs,
+                          "probe_clipped": [0] * n_rungs, "blocks": 0} for s in specs}
 
-    bar = _Progress(len(layers), progress)
-    rows = []
-    try:
-        for mod, tname, selected, rule, ltype, shape, sdt in layers:
-            t0 = time.perf_counter()
-            t = reader.read(tname)
-            t1 = time.perf_counter()
-            x = _prep(t, dtype, device)
-            del t
-            entry = {
-                "name": mod, "tensor": tname, "type": ltype, "proj": proj_type(mod),
-                "layer_index": layer_index(mod), "shape": [int(s) for s in shape],
-                "dtype": str(sdt).removeprefix("torch."), "quantized_dtype": str(x.dtype).removeprefix("torch."),
-                "excluded": not selected, "rule": rule, "metrics": {},
-            }
-            for spec in specs:
-                amax = group_amax.get(mod) if spec.format == "nvfp4" else None
-                raw = tensor_raw_stats(x, spec, amax)
-                m = metrics_from_raw(raw, spec, curves)
-                if selected:
-                    pg = pooled[spec.key]
-                    for k in ("response_sum", "probe_dead", "probe_clipped"):
-                        pg[k] = [a + b for a, b in zip(pg[k], raw[k])]
-                    pg["blocks"] += raw["gain_blocks"]
-                if amax is not None:
-                    m["scales"]["group_amax"] = _num(amax, 8)
-                entry["metrics"][spec.key] = m
-            del x
-            sync()
-            t2 = time.perf_counter()
-            timing["read_s"] += t1 - t0
-            timing["compute_s"] += t2 - t1
-            rows.append(entry)
-            bar.update(mod)
-    finally:
-        bar.close()
-        reader.close()
+        bar = _Progress(len(layers), progress)
+        rows = []
+        try:
+            for mod, tname, selected, rule, ltype, shape, sdt in layers:
+                t0 = time.perf_counter()
+                t = reader.read(tname)
+                t1 = time.perf_counter()
+                x = _prep(t, dtype, device)
+                del t
+                entry = {
+                    "name": mod, "tensor": tname, "type": ltype, "proj": proj_type(mod),
+                    "layer_index": layer_index(mod), "shape": [int(s) for s in shape],
+                    "dtype": str(sdt).removeprefix("torch."), "quantized_dtype": str(x.dtype).removeprefix("torch."),
+                    "excluded": not selected, "rule": rule, "metrics": {},
+                }
+                for spec in specs:
+                    amax = group_amax.get(mod) if spec.format == "nvfp4" else None
+                    raw = tensor_raw_stats(x, spec, amax)
+                    m = metrics_from_raw(raw, spec, curves)
+                    if selected:
+                        pg = pooled[spec.key]
+                        for k in ("response_sum", "probe_dead", "probe_clipped"):
+                            pg[k] = [a + b for a, b in zip(pg[k], raw[k])]
+                        pg["blocks"] += raw["gain_blocks"]
+                    if amax is not None:
+                        m["scales"]["group_amax"] = _num(amax, 8)
+                    entry["metrics"][spec.key] = m
+                del x
+                sync()
+                t2 = time.perf_counter()
+                timing["read_s"] += t1 - t0
+                timing["compute_s"] += t2 - t1
+                rows.append(entry)
+                bar.update(mod)
+        finally:
+            bar.close()
+            reader.close()
 
     results: Dict[str, Any] = {
         "schema": SCHEMA,
