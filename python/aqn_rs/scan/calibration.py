@@ -17,10 +17,6 @@ from .layers import _Progress
 from .metrics import FormatSpec, _num
 from .source import ModelSource
 
-# ---------------------------------------------------------------------------------------------
-# Calibration: per-layer output error on real activations, end-to-end NLL change
-# ---------------------------------------------------------------------------------------------
-
 
 def calibration_texts(calib: str, n: int) -> Tuple[List[str], str]:
     """The first `n` calibration texts and a description.

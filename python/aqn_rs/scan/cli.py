@@ -13,10 +13,6 @@ from .driver import scan
 from .metrics import DTYPES, QUANT_TYPES
 from .report import compare_scans, format_report, load_results, plot_results, write_results
 
-# ---------------------------------------------------------------------------------------------
-# Command line: `aqn-rs scan` (wired by cli.py) and scripts/srdd_quant_scanner.py
-# ---------------------------------------------------------------------------------------------
-
 
 def _add_arguments(p: argparse.ArgumentParser, plan_style: bool = False) -> None:
     def flag(name: str) -> str:

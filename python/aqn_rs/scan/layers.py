@@ -14,10 +14,6 @@ from ..quantizers import Nvfp4Quantizer
 from ..selection import ModuleSelector
 from .metrics import _LAYER_INDEX, PROJ_TYPES
 
-# ---------------------------------------------------------------------------------------------
-# The scan
-# ---------------------------------------------------------------------------------------------
-
 
 def proj_type(module_name: str) -> str:
     """q/k/v/o/gate/up/down (and qkv, gate_up, embed, lm_head) from a module name; else its

@@ -24,10 +24,6 @@ from ..errors import CheckpointError, ExperimentError, ScanError
 from ..models import converted_folder
 from ..models import resolve_model as resolve_experiment_model
 
-# ---------------------------------------------------------------------------------------------
-# Model sources
-# ---------------------------------------------------------------------------------------------
-
 
 @dataclasses.dataclass
 class ModelSource:
