@@ -96,6 +96,12 @@ class FolderTensors(SafetensorsReader):
                 )
             raise CheckpointNotFoundError(f"no *.safetensors weights in {folder}")
         super().__init__(files)
+        # File by file, names sorted within each file: the order safetensors' `safe_open` lists
+        # them in, which the export read with before, so its plan, shards and output tensor order
+        # stay what they were. The header's own order, which the scanner keeps, can differ:
+        # safetensors writes it by dtype size first.
+        rank = {f: i for i, f in enumerate(files)}
+        self.names.sort(key=lambda n: (rank[self._where[n][0]], n))
         self.classes = module_classes_of_folder(folder, self) if classes else {}
 
 
