@@ -3,7 +3,7 @@
 
     python scripts/srdd_quant_scanner.py --model_path PATH --quant_type mxfp4 --output results.json
 
-It runs the same scan as `aqn-rs scan` (python/aqn_rs/scan.py; every `aqn-rs scan` option is
+It runs the same scan as `aqn-rs scan` (python/aqn_rs/scan/; every `aqn-rs scan` option is
 here with underscores: --plot, --compare, --device, --exclude, --scale_mode, --calib,
 --calib_samples, ...). docs/SCANNER.md defines the numbers and the JSON schema.
 """

@@ -3,7 +3,8 @@
     constants, errors, models, _plot, _aqn_rs          (bottom floor)
       -> reference, selection, quantizers, _cuda, aqn  (the formats, the selector, the noise)
       -> hooks                                         (quantize_model, attach_noise)
-      -> export, scan, integrations, experiments       (what is built on the hooks)
+      -> checkpoint, export, scan, integrations,       (what is built on the hooks: the one
+         experiments                                    checkpoint reader, the export, ...)
       -> cli, experiments.cli, the package root        (entry points and the facade)
 
 A module may import from its own floor or a lower one, never from a higher one, and the
@@ -34,7 +35,7 @@ FLOORS: Dict[str, int] = {
     "_aqn_rs": 0, "constants": 0, "errors": 0, "models": 0, "_plot": 0,
     "reference": 1, "selection": 1, "quantizers": 1, "_cuda": 1, "aqn": 1,
     "hooks": 2,
-    "export": 3, "scan": 3, "integrations": 3, "experiments": 3,
+    "checkpoint": 3, "export": 3, "scan": 3, "integrations": 3, "experiments": 3,
     "experiments.cli": 4, "cli": 4, "__main__": 4, "": 4,
 }
 
@@ -202,8 +203,9 @@ def test_function_level_imports_are_only_for_heavy_modules():
 
 
 @pytest.mark.parametrize("mod", ["", "constants", "errors", "models", "_plot", "selection", "quantizers", "_cuda",
-                                 "aqn", "scan", "cli", "integrations.verl", "integrations.verl_probe"])
+                                 "aqn", "checkpoint", "scan", "cli", "integrations.verl", "integrations.verl_probe"])
 def test_light_modules_stay_light(mod):
-    # What `import aqn_rs`, `aqn-rs --help`, the scanner and the verl plugin's config parsing
-    # load: none of them may pull torch or an optional package in when it is imported.
+    # What `import aqn_rs`, `aqn-rs --help`, the scanner (with the checkpoint reader it imports)
+    # and the verl plugin's config parsing load: none of them may pull torch or an optional
+    # package in when it is imported.
     assert mod not in HEAVY, f"{_name(mod)} imports torch or an optional package when it loads"

@@ -2,7 +2,9 @@
 aqn-rs raises on purpose (bad types and values of the array API stay TypeError / ValueError).
 
 Each error keeps the builtin base it had before it had a root (ScanError is a ValueError,
-VerlPluginError a RuntimeError), so `except ValueError` around a scan still works.
+VerlPluginError a RuntimeError), so `except ValueError` around a scan still works; the checkpoint
+reader's errors keep the ones its callers raised before there was one reader (CheckpointError is
+a ValueError, CheckpointNotFoundError also a FileNotFoundError).
 
 The root is the Rust core's `AqnError` where the binding defines one, so that errors raised in
 Rust and in Python share it; a core built without it gets a plain Python root.
@@ -18,7 +20,17 @@ except ImportError:  # a core that does not export AqnError
         """Base class of aqn-rs errors that are neither a bad type nor a bad value."""
 
 
-__all__ = ["AqnError", "ExperimentError", "ScanError", "VerlPluginError"]
+__all__ = ["AqnError", "CheckpointError", "CheckpointNotFoundError", "ExperimentError", "ScanError", "VerlPluginError"]
+
+
+class CheckpointError(AqnError, ValueError):
+    """A checkpoint cannot be read (`aqn_rs.checkpoint`): a file that is not safetensors or is
+    cut short, a bad index, an unsupported dtype, a quantized checkpoint where a dense one is
+    needed, a format that is not read. The message names the file and what to do."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """What a checkpoint needs is not there: no weights in the folder, no config.json."""
 
 
 class ScanError(AqnError, ValueError):
