@@ -20,7 +20,7 @@ if has tests; then
 fi
 if has step; then
   echo "== training step overhead, ~1B Llama-style, bf16"
-  python3 scripts/bench_step.py --json "$OUT/bench_step.json" 2>&1 | tail -n 8 | tee "$OUT/bench_step.txt"
+  python3 benchmarks/bench_step.py --json "$OUT/bench_step.json" 2>&1 | tail -n 8 | tee "$OUT/bench_step.txt"
 fi
 if has export || has scan; then
   python3 - <<'PY'

@@ -8,7 +8,7 @@
 # STAGES (comma-separated, default "test,sanitize,bench") picks stages; each writes its log
 # under $OUT (default /tmp/aqn_gpu_check). The machine has no rustc: build the wheel
 # elsewhere (maturin build --release --zig --compatibility manylinux_2_17 -o .whl_cuda), carry
-# .whl_cuda (and .peers for the peer kernels, see scripts/bench_kernels.py).
+# .whl_cuda (and .peers for the peer kernels, see benchmarks/bench_kernels.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/aqn_gpu_check}
@@ -41,7 +41,7 @@ fi
 
 if has bench; then
     echo "== bench"
-    $PY scripts/bench_kernels.py ${BENCH_ARGS:-} --out "$OUT/bench.md" --json "$OUT/bench.json" 2>&1 \
+    $PY benchmarks/bench_kernels.py ${BENCH_ARGS:-} --out "$OUT/bench.md" --json "$OUT/bench.json" 2>&1 \
         | tee "$OUT/bench.log" | grep -vE "^\| " | tail -n 40
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     # The table itself, last, so it is in the tail of the output.

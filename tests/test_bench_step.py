@@ -1,4 +1,4 @@
-"""scripts/bench_step.py end to end on CPU (tiny float32 model), and verl's QATLinear peer
+"""benchmarks/bench_step.py end to end on CPU (tiny float32 model), and verl's QATLinear peer
 wired as verl's FSDP engine wires it (its Triton kernel swapped for a torch fake quant, so it
 runs on CPU)."""
 
@@ -21,7 +21,7 @@ TINY = ["--device", "cpu", "--layers", "2", "--hidden", "64", "--inter", "128", 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_step", REPO / "scripts" / "bench_step.py")
+    spec = importlib.util.spec_from_file_location("bench_step", REPO / "benchmarks" / "bench_step.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

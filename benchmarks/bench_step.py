@@ -18,9 +18,9 @@ files read out of its wheel (AQN_RS_VERL_WHEEL, .ci-wheels/ or /tmp/verlwhl; `pi
 --no-deps verl==0.9.1 -d .ci-wheels`) into .peers/verl_qat/ (carry .ci-wheels or .peers to
 the GPU machine). Its fake quant is a Triton kernel: on CPU the column says why it is skipped.
 
-Usage (GPU): python scripts/bench_step.py [--layers 16 --hidden 2048 --inter 5632]
+Usage (GPU): python benchmarks/bench_step.py [--layers 16 --hidden 2048 --inter 5632]
              [--batch 8 --seq 1024] [--steps 10] [--micro 1 4] [--rounds 3] [--json out.json]
-CPU smoke run: python scripts/bench_step.py --device cpu --layers 2 --hidden 128 --inter 256
+CPU smoke run: python benchmarks/bench_step.py --device cpu --layers 2 --hidden 128 --inter 256
              --vocab 512 --batch 4 --seq 32 --steps 2 --dtype float32
 """
 
@@ -41,7 +41,7 @@ import torch
 import aqn_rs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-VERL_DIR = REPO / ".peers" / "verl_qat"  # .peers/ as in scripts/bench_kernels.py
+VERL_DIR = REPO / ".peers" / "verl_qat"  # .peers/ as in benchmarks/bench_kernels.py
 # verl's files that apply_qat / QATLinear / invalidate_all_scales need; the package
 # __init__s are left empty (verl's import ray, vLLM patches, ...).
 VERL_FILES = ("verl/base_config.py", "verl/utils/qat/core.py", "verl/utils/qat/linear.py")

@@ -16,9 +16,9 @@ Peers: the real packages if installed; otherwise standalone copies of just their
 files, extracted from the wheels into .peers/ (carry that folder to the GPU machine):
 
     pip download --no-deps verl==0.9.1 nvidia-modelopt==0.47.0 -d /tmp/peers
-    python scripts/bench_kernels.py --extract-peers /tmp/peers/*.whl
+    python benchmarks/bench_kernels.py --extract-peers /tmp/peers/*.whl
 
-Usage: python scripts/bench_kernels.py [--quick] [--out docs/bench.md] [--json out.json]
+Usage: python benchmarks/bench_kernels.py [--quick] [--out docs/bench.md] [--json out.json]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 same run. Prints a table of median times and the speedup (goal: >= 10x on 2 cores for a
 4096x4096 f32 tensor).
 
-Usage: python scripts/bench_cpu.py [--rows 4096] [--cols 4096] [--repeat 5]
+Usage: python benchmarks/bench_cpu.py [--rows 4096] [--cols 4096] [--repeat 5]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ tensors and times, in one process, median of --reps:
   final host read of the statistics).
 
 With --profile, a torch-profiler table of one `quant_sync` pass (host time per op, kernel
-launches) follows. Usage (GPU): python scripts/bench_sync.py [--format nvfp4] [--reps 20]
+launches) follows. Usage (GPU): python benchmarks/bench_sync.py [--format nvfp4] [--reps 20]
 [--profile] [--json out.json]
 """
 

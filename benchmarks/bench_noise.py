@@ -4,7 +4,7 @@
 Prints, for each case, the time per call of `gaussian_noise(..., device="cuda")` (one kernel)
 and of `aqn._reference_gaussian` (~150 small torch kernels), their ratio, and the kernel's
 output bandwidth next to a device copy of the same bytes. Both produce the same bits
-(checked here too). Usage, on a GPU machine: python scripts/bench_noise.py
+(checked here too). Usage, on a GPU machine: python benchmarks/bench_noise.py
 """
 
 from __future__ import annotations
