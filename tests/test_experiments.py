@@ -379,6 +379,7 @@ def _finite(v):
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+@pytest.mark.slow
 def test_cpu_run_writes_metrics_with_the_schedule(cpu_run):
     recs = outputs.read_metrics(cpu_run / "metrics.jsonl")
     train = [r for r in recs if "reward" in r]
@@ -397,6 +398,7 @@ def test_cpu_run_writes_metrics_with_the_schedule(cpu_run):
     assert all(_finite(r["val_strict"]) and _finite(r["val_flexible"]) for r in vals)
 
 
+@pytest.mark.slow
 def test_cpu_run_summary_config_and_curves(cpu_run):
     import yaml
 
@@ -411,6 +413,7 @@ def test_cpu_run_summary_config_and_curves(cpu_run):
         assert (cpu_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_cpu_run_checkpoints_load_in_transformers(cpu_run):
     import torch
     from transformers import AutoModelForCausalLM
@@ -421,6 +424,7 @@ def test_cpu_run_checkpoints_load_in_transformers(cpu_run):
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
+@pytest.mark.slow
 def test_compare_writes_table_and_png(cpu_run, tmp_path, capsys):
     rc, out, err = _cli(["compare", str(cpu_run), "--output", str(tmp_path)], capsys)
     assert rc == 0, err
@@ -448,6 +452,7 @@ def _tiny_llama(path):
     return path
 
 
+@pytest.mark.slow
 def test_lora_mode_on_a_tiny_model(tmp_path, capsys):
     """QeRL's mode (LoRA on the frozen fake-quantized base) and --model PATH, on a tiny random
     Llama with the embedded model's tokenizer; the merged checkpoint loads in transformers."""
@@ -471,6 +476,7 @@ def test_lora_mode_on_a_tiny_model(tmp_path, capsys):
 
 
 
+@pytest.mark.slow
 def test_two_process_run(tmp_path):
     """The multi-GPU path (`--gpus N` relaunches the worker under `accelerate launch`; each rank
     runs `python -m aqn_rs.experiments.local RUN_DIR`), here as two CPU processes over gloo
