@@ -414,10 +414,13 @@ def main():
     g = r(ref_shape, bf, "nvfp4 amax given")
     target("bf16 4096x14336 NVFP4 amax given <= 1.10x copy", g <= 1.10, f"{g:.3f}")
     i = r(ref_shape, bf, "nvfp4 incl. amax")
-    target("bf16 4096x14336 NVFP4 incl. amax <= 1.6x copy", i <= 1.6, f"{i:.3f}")
+    # 1.5x is the floor of two HBM reads and one write; the fake quant reads first what the
+    # amax pass (walking backwards) read last, so part of its read comes from L2
+    nv_amax = 1.55
+    target(f"bf16 4096x14336 NVFP4 incl. amax <= {nv_amax}x copy", i <= nv_amax, f"{i:.3f}")
     big = [s for s in sweep if math.prod(s) >= (16 << 20)]
     for op, lim in [("mxfp4 floor", 1.10), ("mxfp4 rceil", 1.10), ("mxfp4 even", 1.10), ("mxfp4 ceil", 1.10),
-                    ("nvfp4 amax given", 1.10), ("nvfp4 incl. amax", 1.6)]:
+                    ("nvfp4 amax given", 1.10), ("nvfp4 incl. amax", nv_amax)]:
         worst = max((r(s, bf, op) for s in big), default=math.nan)
         target(f"16M..1G bf16 {op} <= {1.25 * lim:.3f}x copy (1.25 x {lim})", worst <= 1.25 * lim, f"worst {worst:.3f}")
     # Python-side: what a call costs on the host beyond one checked launch made from the same

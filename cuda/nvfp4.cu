@@ -126,8 +126,14 @@ __device__ __forceinline__ void amax_partials(const Args& a) {
     for (long long i = tail + tid; i < n; i += nthreads)
         m = max(m, f2u(D::load_scalar(a.x, i)) & 0x7FFFFFFFu);
     const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(p + head * sizeof(T));
-    for (long long base = (long long)blockIdx.x * blockDim.x * AMAX_UNROLL; base < n_vec;
-         base += nthreads * AMAX_UNROLL) {
+    // The chunks (one CTA's AMAX_UNROLL vectors per thread) from the last to the first: the
+    // kernel that follows this pass (fake quant, quantize) walks the tensor from its start, so
+    // the bytes read last here, still in L2, are the ones it reads first. Same chunks per CTA
+    // as a forward walk, in mirrored positions; a max does not depend on the order.
+    const long long chunk = (long long)blockDim.x * AMAX_UNROLL;
+    const long long n_chunks = (n_vec + chunk - 1) / chunk;
+    for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+        const long long base = (n_chunks - 1 - c) * chunk;
         uint4 v[AMAX_UNROLL];
 #pragma unroll
         for (int u = 0; u < AMAX_UNROLL; ++u) {

@@ -312,6 +312,145 @@ def test_amax_matches_cpu(dtype):
         assert_bits_equal(got, want, f"amax {dtype} {what}")
 
 
+def _cpu_amax(xs):
+    vals = [aqn_rs.Nvfp4Quantizer().amax(x.cpu()) for x in xs]
+    return math.nan if any(math.isnan(v) for v in vals) else max(vals)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_amax_finds_a_spike_anywhere(dtype):
+    """The amax pass walks each tensor's chunks from the last to the first: one spike at any
+    position (first, last, either side of a chunk or grid-stride boundary, the unaligned head
+    and the tail) must be found, for sizes around whole chunks and whole waves of the grid."""
+    epv = 16 // torch.tensor([], dtype=dtype).element_size()
+    chunk = 512 * 4 * epv  # AMAX_THREADS * AMAX_UNROLL vectors
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    wave = 2 * sms * chunk  # the amax grid's cap: 2 CTAs per SM
+    g = torch.Generator().manual_seed(11)
+    sizes = [1, epv - 1, epv + 1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5, wave - 3, wave, wave + epv + 1]
+    if not QUICK:
+        sizes += [2 * wave + chunk // 2 + 3]
+    for n in sizes:
+        base = (torch.rand(n + 1, generator=g) * 0.5).to(dtype).cuda()
+        for off in (0, 1):  # off = 1: a pointer not on a 16-byte boundary (head elements)
+            x = base[off:]
+            m = x.numel()
+            spots = {0, m - 1, m // 2, min(chunk, m - 1), max(chunk - 1, 0), min(wave, m - 1), max(m - chunk, 0)}
+            for p in sorted(spots):
+                y = x.clone()
+                y[p] = -7.0  # |y| max, negative: the pass takes |x|
+                got = _cuda.amax(y)
+                assert float(got) == 7.0, (dtype, n, off, p, float(got))
+                got2 = _cuda.amax_many([x, y, x])
+                assert float(got2) == 7.0, (dtype, n, off, p, "amax_many", float(got2))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_amax_many_matches_cpu(dtype):
+    """amax_many (a fused group's shared amax in one call) == the max of the members' CPU
+    amaxes, bit for bit: random and adversarial members, NaN/Inf members, empty members,
+    members of very different sizes, one member, many members."""
+    groups = []
+    for si, shape in enumerate(SHAPES):
+        xs = list(inputs(shape, dtype, seed=300 + si).values())
+        groups += [(f"{shape} all kinds", xs)] + [(f"{shape} {i}+{i + 1}", xs[i:i + 2]) for i in range(len(xs) - 1)]
+    g = torch.Generator().manual_seed(5)
+    big = (torch.randn(3, 1 << 20, generator=g) * 3).to(dtype).cuda()
+    small = torch.randn(7, generator=g).to(dtype).cuda()
+    empty = torch.empty(0, dtype=dtype, device="cuda")
+    nan = small.clone()
+    nan[3] = math.nan
+    inf = small.clone()
+    inf[0] = -math.inf
+    groups += [
+        ("big+small", [big, small]), ("small+big", [small, big]), ("one", [big]),
+        ("empty+small", [empty, small]), ("all empty", [empty, empty]), ("nan", [big, nan, small]),
+        ("inf", [inf, big]), ("inf+nan", [inf, nan]),
+        ("many", [torch.randn(1 + i, generator=g).to(dtype).cuda() for i in range(200)]),
+    ]
+    for what, xs in groups:
+        got = _cuda.amax_many(xs)
+        assert got.device == xs[0].device and got.dim() == 0 and got.dtype == torch.float32
+        want = torch.tensor(_cpu_amax(xs), dtype=torch.float32)
+        assert_bits_equal(got, want, f"amax_many {dtype} {what}")
+        q = aqn_rs.Nvfp4Quantizer()
+        assert_bits_equal(q.amax_many(xs), want, f"Nvfp4Quantizer.amax_many {dtype} {what}")
+        # the CPU form gives the same value as a float
+        cpu = q.amax_many([x.cpu() for x in xs])
+        assert (math.isnan(cpu) and math.isnan(float(want))) or cpu == float(want), (what, cpu, float(want))
+
+
+@gpu
+def test_amax_many_rejects_bad_input():
+    x = torch.randn(64, device="cuda")
+    with pytest.raises(ValueError, match="at least one"):
+        _cuda.amax_many([])
+    with pytest.raises(ValueError, match="one dtype and one device"):
+        _cuda.amax_many([x, x.to(torch.bfloat16)])
+    with pytest.raises(ValueError, match="CPU tensor"):
+        _cuda.amax_many([x, x.cpu()])
+    with pytest.raises(ValueError, match="contiguous"):
+        _cuda.amax_many([x.view(8, 8).t()])
+    with pytest.raises(ValueError, match="all CUDA tensors or none"):
+        aqn_rs.Nvfp4Quantizer().amax_many([x, x.cpu()])
+    out = torch.empty((), device="cuda")
+    s = torch.empty(1024, device="cuda")
+    st = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match="needs 2048"):  # scratch for one member, two given
+        _rs.cuda_amax_many("f32", 0, st, [x.data_ptr()] * 2, [64, 64], s.data_ptr(), 1024, out.data_ptr())
+    with pytest.raises(ValueError, match="2 pointers but 1 element counts"):
+        _rs.cuda_amax_many("f32", 0, st, [x.data_ptr()] * 2, [64], s.data_ptr(), 2048, out.data_ptr())
+    with pytest.raises(ValueError, match="at most 4096"):
+        _rs.cuda_amax_many("f32", 0, st, [x.data_ptr()] * 4097, [1] * 4097, s.data_ptr(), 1024, out.data_ptr())
+    with pytest.raises(ValueError):  # scratch_len says more than the buffer holds
+        _rs.cuda_amax_many("f32", 0, st, [x.data_ptr()] * 2, [64, 64], s.data_ptr(), 1 << 40, out.data_ptr())
+    with pytest.raises(ValueError):  # a member's count runs past its buffer
+        _rs.cuda_amax_many("f32", 0, st, [x.data_ptr()], [65], s.data_ptr(), 1024, out.data_ptr())
+    torch.cuda.synchronize()
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ("mxfp4", "nvfp4"))
+def test_quant_sync_on_cuda_equals_cpu(fmt):
+    """The verl plugin's weight-sync fake quant on CUDA tensors (amax_many for the fused
+    groups, the multi-tensor error norms) == the same stream on the CPU, bit for bit for the
+    weights; the error statistics agree to f32 rounding."""
+    from aqn_rs.integrations.verl import quant_sync
+
+    g = torch.Generator().manual_seed(3)
+    names, groups = [], {}
+    stream = []
+    for layer in range(3):
+        p = f"model.layers.{layer}"
+        qkv = tuple(f"{p}.self_attn.{m}_proj" for m in "qkv")
+        gu = (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj")
+        for grp, shapes in ((qkv, [(64, 64), (32, 64), (32, 64)]), (gu, [(96, 64), (96, 64)])):
+            for i, (m, shape) in enumerate(zip(grp, shapes)):
+                w = torch.randn(*shape, generator=g) * (1 + 3 * i)  # members' amaxes differ
+                stream.append((f"{m}.weight", w))
+                names.append(m)
+                groups[m] = grp
+        stream.append((f"{p}.mlp.down_proj.weight", torch.randn(64, 96, generator=g)))
+        names.append(f"{p}.mlp.down_proj")
+        stream.append((f"{p}.input_layernorm.weight", torch.ones(64)))
+    q = aqn_rs.Nvfp4Quantizer() if fmt == "nvfp4" else aqn_rs.Mxfp4Quantizer()
+    res = {}
+    for dev in ("cpu", "cuda"):
+        st = {}
+        out = dict(quant_sync(((n, t.to(dev)) for n, t in stream), q, names, groups,
+                              param_dtype=torch.bfloat16, on_done=st.update))
+        res[dev] = (out, st)
+    (oc, sc), (og, sg) = res["cpu"], res["cuda"]
+    for n, _ in stream:
+        assert og[n].is_cuda
+        assert_bits_equal(og[n], oc[n], n)
+    assert sg["tensors"] == sc["tensors"] == len(names)
+    for k in ("rel_error", "max_rel_error", "sqnr_db"):
+        assert sg[k] == pytest.approx(sc[k], rel=1e-5), k
+
+
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("fmt", ("mxfp4", "nvfp4"))

@@ -35,6 +35,7 @@ __all__ = [
     "cuda_quantize",
     "cuda_dequantize",
     "cuda_amax",
+    "cuda_amax_many",
     "cuda_noise",
     "ModuleSelector",
     "SigmaScheduler",
@@ -224,6 +225,11 @@ def cuda_dequantize(
     gs_value: Optional[float], out: int, rows: int, k: int,
 ) -> None: ...
 def cuda_amax(dtype: str, device: int, stream: int, x: int, n: int, scratch: int, out: int) -> None: ...
+def cuda_amax_many(
+    dtype: str, device: int, stream: int, xs: Sequence[int], ns: Sequence[int], scratch: int, scratch_len: int, out: int,
+) -> None:
+    """One max |x| over the tensors at device pointers `xs` (`ns` elements each, all of `dtype`) into
+    the f32 at `out`; `scratch` holds `scratch_len` f32, at least len(xs) * CUDA_AMAX_SCRATCH."""
 def cuda_fake_quant_t(
     x: Any, out: Any, fmt: str, mode: str, amax_ptr: int, amax_value: Optional[float], scratch: int,
 ) -> bool:

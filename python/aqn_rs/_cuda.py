@@ -125,6 +125,31 @@ def amax(x: Any):
     return out
 
 
+def amax_many(xs: List[Any]):
+    """One max |x| over several CUDA tensors of one dtype and device (an NVFP4 fused group's
+    shared amax) as a 0-d float32 tensor: one call, one pass per member and one fold, no sync.
+    The first member is read last, so it is the one still in L2 for the fake quant after."""
+    import torch
+
+    if not xs:
+        raise ValueError("amax_many needs at least one tensor")
+    tag, dev = _check(xs[0])
+    for i, x in enumerate(xs[1:], 1):
+        t, d = _check(x, f"tensor {i}")
+        if t != tag or d != dev:
+            raise ValueError(
+                f"amax_many: tensor {i} is {x.dtype} on cuda:{d}, tensor 0 {xs[0].dtype} on cuda:{dev}; "
+                "one dtype and one device for all"
+            )
+    out = torch.empty((), dtype=torch.float32, device=xs[0].device)
+    s = torch.empty(_AMAX_SCRATCH * len(xs), dtype=torch.float32, device=xs[0].device)
+    _rs.cuda_amax_many(
+        tag, dev, _raw_stream(dev), [x.data_ptr() for x in xs], [x.numel() for x in xs],
+        s.data_ptr(), s.numel(), out.data_ptr(),
+    )
+    return out
+
+
 def fake_quant(x: Any, fmt: str, scale_mode: str, amax: Any = None):
     """Quantize-dequantize x ("mxfp4" with scale_mode, or "nvfp4" with an optional amax:
     None computes it on the device, a float or a 0-d tensor on any device is used as is).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import sys
 from typing import Any, Optional, Tuple
 
@@ -375,6 +376,23 @@ class Nvfp4Quantizer(_Quantizer):
         if kind == "torch-cuda":
             return _cuda_module().amax(x)
         return float(_aqn_rs.nvfp4_amax(_rs_view(x, tag), tag))
+
+    def amax_many(self, xs):
+        """Max |x| over several tensors (NaN if any element of any is NaN): the shared amax of
+        a fused group (q/k/v, gate/up), from which each member's global scale is derived.
+        CUDA tensors (one dtype, one device): a 0-d float32 tensor on the device, in one call
+        and without a host sync; CPU / numpy: a float."""
+        xs = list(xs)
+        if not xs:
+            raise ValueError("amax_many needs at least one tensor")
+        if all(getattr(x, "is_cuda", False) for x in xs):
+            for x in xs:
+                _check_input(x)
+            return _cuda_module().amax_many(xs)
+        if any(getattr(x, "is_cuda", False) for x in xs):
+            raise ValueError("amax_many: all CUDA tensors or none")
+        vals = [self.amax(x) for x in xs]
+        return math.nan if any(math.isnan(v) for v in vals) else max(vals)
 
     def fake_quant(self, x, amax: Any = None):
         """Quantize then dequantize `x` in one pass.

@@ -12,7 +12,8 @@
 
 /// Floats of the per-CTA amax scratch that Python allocates for NVFP4 without a given amax
 /// (and for `amax`); the amax pass never launches more CTAs than this, so `amax_partials_*`
-/// writes at most this many partials and `n_amax` never exceeds it.
+/// writes at most this many partials and `n_amax` never exceeds it, except in `amax_many`'s
+/// fold (`amax_finalize`, a loop over any count), where it is at most members x this.
 pub const AMAX_SCRATCH: usize = 1024;
 
 /// Bytes per vector load/store of the vector kernels (a `uint4`).

@@ -385,6 +385,34 @@ fn cuda_amax(
     }
 }
 
+/// One max |x| over the tensors at `xs` (`ns` elements each, all of `dtype`) into the f32 at
+/// `out`: the shared amax of an NVFP4 fused group, in one call. `scratch` holds `scratch_len`
+/// f32, at least `len(xs) * AMAX_SCRATCH`.
+#[pyfunction]
+// The Python signature: _cuda.py passes each buffer and size as its own argument.
+#[allow(clippy::too_many_arguments)]
+fn cuda_amax_many(
+    dtype: &str,
+    device: i32,
+    stream: u64,
+    xs: Vec<u64>,
+    ns: Vec<u64>,
+    scratch: u64,
+    scratch_len: u64,
+    out: u64,
+) -> PyResult<()> {
+    let dt = args::dtype(dtype)?;
+    #[cfg(aqn_cuda)]
+    {
+        Ok(ops::amax_many(dt, device, stream, &xs, &ns, scratch, scratch_len, out)?)
+    }
+    #[cfg(not(aqn_cuda))]
+    {
+        let _ = (dt, device, stream, xs, ns, scratch, scratch_len, out);
+        Ok(not_built()?)
+    }
+}
+
 /// Elements `offset .. offset + n` of AQN's noise for `(seed, step, name)` (docs/NOISE.md),
 /// `z * float32(sigma)` cast to `dtype`, into `n` elements at `out`: the CUDA twin of
 /// `noise_fill_f32`, bit for bit.
@@ -450,6 +478,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_amax, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_amax_many, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_noise, m)?)?;
     Ok(())
 }

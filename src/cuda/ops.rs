@@ -4,7 +4,9 @@
 
 use cudarc::driver::sys;
 
-use super::abi::{Args, Dt, Fmt, NoiseArgs, Op, FINALIZE_THREADS, NOISE_THREADS, VEC_THREADS};
+use super::abi::{
+    Args, Dt, Fmt, NoiseArgs, Op, AMAX_SCRATCH, FINALIZE_THREADS, NOISE_THREADS, VEC_THREADS,
+};
 use super::args::{numel, AmaxSource};
 use super::launch::{pick, Launch};
 use super::ptr::{check_ptr, check_stream};
@@ -203,6 +205,74 @@ pub fn amax(
         a.n_amax = l.amax_partials(dt, x, n, scratch)?;
         a.amax_src = scratch;
     }
+    l.launch(l.dev.amax_finalize, 1, FINALIZE_THREADS, &a)
+}
+
+/// Members of one `amax_many` call: their partials (at most AMAX_SCRATCH each) fit an i32.
+pub const MAX_AMAX_MEMBERS: usize = 4096;
+
+/// One max |x| over several tensors of one dtype (the shared amax of an NVFP4 fused group):
+/// each member's partials into its own stretch of `scratch` (`scratch_len` f32), then one
+/// fold of all of them into `out`. One call instead of an amax per member plus a stack and
+/// a max on the host's side, and the same bits: a max is exact in any order.
+///
+/// The members' passes run last member first, so the first member was read last: its bytes
+/// are the ones still in L2 when the caller fake-quantizes it next (the amax pass itself walks
+/// each tensor from its end, see `amax_partials` in cuda/nvfp4.cu).
+// One parameter per argument of the Python entry point it serves, already parsed.
+#[allow(clippy::too_many_arguments)]
+pub fn amax_many(
+    dt: Dt,
+    ordinal: i32,
+    stream: u64,
+    xs: &[u64],
+    ns: &[u64],
+    scratch: u64,
+    scratch_len: u64,
+    out: u64,
+) -> Result<()> {
+    if xs.len() != ns.len() {
+        return Err(Error::Value(format!(
+            "amax_many: {} pointers but {} element counts",
+            xs.len(),
+            ns.len()
+        )));
+    }
+    // n_amax is an i32: members x AMAX_SCRATCH partials must fit it.
+    if xs.len() > MAX_AMAX_MEMBERS {
+        return Err(Error::Value(format!(
+            "amax_many: {} tensors (at most {MAX_AMAX_MEMBERS} in one call)",
+            xs.len()
+        )));
+    }
+    let l = Launch::new(ordinal, stream)?;
+    l.ptr("out", out, 4, 4)?;
+    l.ptr("amax scratch", scratch, scratch_len.saturating_mul(4), 4)?;
+    for (&x, &n) in xs.iter().zip(ns) {
+        let bytes = n.checked_mul(dt.size() as u64).ok_or_else(|| {
+            Error::Value(format!("amax_many: {n} elements overflow the byte count"))
+        })?;
+        l.ptr("x", x, bytes, dt.size() as u64)?;
+    }
+    // Every member's partials need their own slots; `amax_partials` also wants AMAX_SCRATCH
+    // slots from its start, which the caller's N * AMAX_SCRATCH buffer always has.
+    let need = (xs.len() as u64).saturating_mul(AMAX_SCRATCH as u64);
+    if scratch_len < need {
+        return Err(Error::Value(format!(
+            "amax_many: scratch of {scratch_len} f32 for {} tensors (needs {need})",
+            xs.len()
+        )));
+    }
+    let mut off: u64 = 0;
+    for (&x, &n) in xs.iter().zip(ns).rev() {
+        if n > 0 {
+            off += l.amax_partials(dt, x, n, scratch + 4 * off)? as u64;
+        }
+    }
+    let mut a = Args::new(1, 0);
+    a.out = out;
+    a.n_amax = off as i32; // at most len * AMAX_SCRATCH, checked above to fit the buffer
+    a.amax_src = scratch;
     l.launch(l.dev.amax_finalize, 1, FINALIZE_THREADS, &a)
 }
 

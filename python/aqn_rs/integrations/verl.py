@@ -574,7 +574,11 @@ def quant_sync(
         if nvfp4 and len(ws) > 1:
             ts = [t for _, t in ws.values()]
             with torch.no_grad():
-                amax = torch.stack([t.abs().amax().float() for t in ts]).amax()
+                if all(t.is_cuda for t in ts) and len({(t.device, t.dtype) for t in ts}) == 1:
+                    # one call: an amax pass per member, one fold, the first member left in L2
+                    amax = quantizer.amax_many([t.contiguous() for t in ts])
+                else:
+                    amax = torch.stack([t.abs().amax().float() for t in ts]).amax()
         spent[0] += time.perf_counter() - t0
         for m, (n, t) in ws.items():
             yield n, fq(t, amax)
