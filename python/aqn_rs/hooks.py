@@ -139,6 +139,20 @@ class _STELink(torch.autograd.Function):
         return torch.ops.aqn_rs.clipped_ste_grad(grad, w, ctx.fmt, ctx.scale_mode, amax), None, None, None, None, None
 
 
+class _STEIdentity(torch.autograd.Function):
+    """`_STELink` for `ste="identity"`, with two inputs instead of six: one of these runs per
+    quantized Linear per forward, micro-batches included, and autograd's per-input work is
+    most of its host cost."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, q: Tensor) -> Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 def _normal_tensor(compute, *args) -> Tensor:
     """`compute(*args)` outside autograd and, if it is on, outside `inference_mode`: a value
     that is cached and served to later forwards must be a normal tensor (an inference tensor
@@ -226,7 +240,9 @@ class _GroupAmax:
         self.value: Optional[Tensor] = None
 
     def version(self) -> tuple:
-        return tuple((m.weight.data_ptr(), m.weight._version) for m in self.modules)
+        """The members' (data_ptr, _version); raises RuntimeError for an inference tensor
+        (it has no version counter, so nothing to key a cached value on)."""
+        return tuple([(w.data_ptr(), w._version) for w in map(_weight_of, self.modules)])
 
     def _amax(self) -> Tensor:
         ws = [m.weight.detach() for m in self.modules]
@@ -245,13 +261,29 @@ class _GroupAmax:
         return _normal_tensor(self._amax)
 
     def get(self) -> Tensor:
-        if torch.compiler.is_compiling() or any(m.weight.is_inference() for m in self.modules):
+        # Every member's forward asks, so this runs three times per q/k/v group per forward
+        # (micro-batches included): one pass over the members, no Module.__getattr__.
+        if torch.compiler.is_compiling():
             return self.compute()
-        key = self.version()
+        try:
+            key = self.version()
+        except RuntimeError:  # an inference-mode weight: computed each time, never cached
+            return self.compute()
         if key != self.key:
             self.key, self.value = None, None
             self.value, self.key = self.compute(), key
         return self.value
+
+
+def _weight_of(module: torch.nn.Module) -> Tensor:
+    """`module.weight`, by the same lookup (an instance attribute, e.g. FSDP1's unsharded view,
+    first, then the registered parameter) without `nn.Module.__getattr__`'s Python slow path,
+    which the per-forward version checks would otherwise pay per member."""
+    d = module.__dict__
+    w = d.get("weight")
+    if w is None:
+        w = d["_parameters"].get("weight")
+    return w if w is not None else module.weight
 
 
 def _fsdp_present(model: torch.nn.Module) -> bool:
@@ -337,14 +369,26 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
     q_weight = injection_point in ("weight", "both")
     q_act = injection_point in ("activation", "both")
 
+    # The cached path computes outside autograd (`_normal_tensor`), so it calls the op's
+    # implementation itself: the same quantizer the op builds from (fmt, mode), without the
+    # custom op's Python dispatch on every cache miss.
+    direct = _quantizer_for(fmt, mode)
+    nvfp4 = fmt == "nvfp4"
+
+    def compute_q(wd: Tensor, amax: Optional[Tensor]) -> Tensor:
+        wd = wd.contiguous()
+        return direct.fake_quant(wd, amax=amax) if nvfp4 else direct.fake_quant(wd)
+
     def weight_q(w: Tensor) -> Tensor:
         if not q_weight:
             return w
         amax = group.get() if group is not None else None
         if cache is not None and not torch.compiler.is_compiling():
             extra = group.key if group is not None else ()
-            qw = cache.get(w, lambda wd: torch.ops.aqn_rs.fake_quant(wd, fmt, mode, ste, amax), extra)
+            qw = cache.get(w, lambda wd: compute_q(wd, amax), extra)
             if torch.is_grad_enabled() and w.requires_grad:
+                if ste == "identity":
+                    return _STEIdentity.apply(w, qw)
                 return _STELink.apply(w, qw, fmt, mode, ste, amax)
             return qw
         return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, amax)
