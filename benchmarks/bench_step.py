@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import pathlib
@@ -139,34 +140,47 @@ def attach(model, name):
     return None, lambda: [h.remove() for h in reversed(handles)]
 
 
-def time_steps(model, opt, batch, steps: int, micro: int, device: str, after_step=None) -> list:
-    """ms per optimizer step over `micro` micro-batches, `steps` timed after two warm-up steps."""
+def time_steps(model, opt, batch, steps: int, micro: int, device: str, after_step=None, host=None) -> list:
+    """ms per optimizer step over `micro` micro-batches, `steps` timed after two warm-up steps.
+    `host`, a list, receives each timed step's host time: from its start until the host has
+    queued all its work (before the synchronize). A host time close to the step time means the
+    step is bound by the host (launches, Python), not by the GPU, and its overhead is host work.
+    Python's garbage collector is off while timing (as timeit does): its pauses land on random
+    steps of random variants."""
     times = []
-    for i in range(steps + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for mb in batch.chunk(micro):
-            (model(input_ids=mb, labels=mb).loss / micro).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append((time.perf_counter() - t0) * 1e3)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(steps + 2):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for mb in batch.chunk(micro):
+                (model(input_ids=mb, labels=mb).loss / micro).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
+            t1 = time.perf_counter()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+                if host is not None:
+                    host.append((t1 - t0) * 1e3)
+    finally:
+        gc.enable()
     return times
 
 
-def measure(model, opt, batch, args, name, micro):
-    """(times, None) or (None, why skipped)."""
+def measure(model, opt, batch, args, name, micro, host=None):
+    """(times, None) or (None, why skipped); `host` as in time_steps."""
     try:
         after_step, undo = attach(model, "none" if name.startswith("none") else name)
     except Exception as e:  # noqa: BLE001
         return None, f"{type(e).__name__}: {e}"
     try:
-        return time_steps(model, opt, batch, args.steps, micro, args.device, after_step), None
+        return time_steps(model, opt, batch, args.steps, micro, args.device, after_step, host), None
     except Exception as e:  # noqa: BLE001
         if name != VERL_NAME:
             raise
@@ -178,7 +192,7 @@ def measure(model, opt, batch, args, name, micro):
 
 
 def profile_step(model, opt, batch, args) -> dict:
-    """One step of each of none / w4a16-nvfp4 / w4a16-mxfp4 at one micro-batch under torch's
+    """One step of each of none / w4a16-nvfp4 / w4a16-mxfp4 at --profile-micro micro-batches under torch's
     profiler (after two warm-up steps): CUDA kernel launches per step and where the host time
     goes; the quantized step's extra launches and host ops are what its overhead is made of."""
     from torch.profiler import ProfilerActivity, profile
@@ -187,9 +201,9 @@ def profile_step(model, opt, batch, args) -> dict:
     for name in ("none", "w4a16-nvfp4", "w4a16-mxfp4"):
         after_step, undo = attach(model, name)
         try:
-            time_steps(model, opt, batch, 0, 1, args.device, after_step)
+            time_steps(model, opt, batch, 0, args.profile_micro, args.device, after_step)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                time_steps(model, opt, batch, -1, 1, args.device, after_step)
+                time_steps(model, opt, batch, -1, args.profile_micro, args.device, after_step)
         finally:
             undo()
         ev = prof.key_averages()
@@ -223,7 +237,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--profile", action="store_true",
-                    help="profile one step of none / nvfp4 / mxfp4 at micro-batch 1 first (launches, host time)")
+                    help="profile one step of none / nvfp4 / mxfp4 first (launches, host time)")
+    ap.add_argument("--profile-micro", type=int, default=1, help="the micro-batch count of the --profile step")
     args = ap.parse_args(argv)
     if any(m < 1 or args.batch % m for m in args.micro):
         ap.error(f"each --micro must divide --batch {args.batch}: got {args.micro}")
@@ -246,18 +261,19 @@ def main(argv=None) -> dict:
             for name in ORDER:
                 if name in skipped:
                     continue
-                times, why = measure(model, opt, batch, args, name, micro)
+                host = []
+                times, why = measure(model, opt, batch, args, name, micro, host)
                 if why is not None:
                     skipped[name] = why
                     print(f"round {r} micro {micro}  {name:<22}skipped: {why}", flush=True)
                     continue
-                got[name] = (statistics.median(times), times)
+                got[name] = (statistics.median(times), times, host)
             base = (got["none-before"][0] + got["none-after"][0]) / 2
-            for name, (ms, times) in got.items():
+            for name, (ms, times, host) in got.items():
                 rows.append({"round": r, "micro": micro, "variant": name, "ms": ms, "ratio": ms / base,
-                             "min_ms": min(times), "times_ms": times})
+                             "min_ms": min(times), "times_ms": times, "host_ms": host})
                 print(f"round {r} micro {micro}  {name:<22}{ms:>10.2f} ms/step{ms / base:>8.3f}x "
-                      f"(min {min(times):.2f})", flush=True)
+                      f"(min {min(times):.2f}, host {statistics.median(host):.2f})", flush=True)
 
     summary = {}
     for micro in args.micro:
