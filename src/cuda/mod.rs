@@ -54,6 +54,23 @@ fn not_built<T>() -> Result<T> {
     Err(Error::Runtime(NOT_BUILT.into()))
 }
 
+/// `kernels!(ops::f(a, b, ..))`: the call where the kernels are built; in a CPU-only build
+/// the arguments (already parsed and checked, so a bad call fails the same way in both
+/// builds) are consumed and the result is `not_built()`'s error. The one place that rule is
+/// written, instead of a cfg pair in every entry point.
+macro_rules! kernels {
+    ($($f:ident)::+ ( $($arg:expr),* $(,)? )) => {{
+        #[cfg(aqn_cuda)]
+        let r = $($f)::+($($arg),*);
+        #[cfg(not(aqn_cuda))]
+        let r = {
+            let _ = ($(&$arg,)*);
+            not_built()
+        };
+        r
+    }};
+}
+
 /// Whether CUDA kernels were compiled into this build.
 #[pyfunction]
 fn cuda_built() -> bool {
@@ -89,14 +106,7 @@ fn cuda_available() -> bool {
 /// Number of CUDA devices the driver sees.
 #[pyfunction]
 fn cuda_device_count() -> PyResult<i32> {
-    #[cfg(aqn_cuda)]
-    {
-        Ok(driver::device_count()?)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        Ok(not_built()?)
-    }
+    Ok(kernels!(driver::device_count())?)
 }
 
 /// Benchmark knobs (None keeps a value): grid caps, in CTAs per SM, of the element kernels
@@ -135,15 +145,7 @@ fn cuda_probe_overhead(
     ptr: u64,
     reps: u32,
 ) -> PyResult<(f64, f64, f64, f64)> {
-    #[cfg(aqn_cuda)]
-    {
-        Ok(ops::probe_overhead(device, stream, ptr, reps)?)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        let _ = (device, stream, ptr, reps);
-        Ok(not_built()?)
-    }
+    Ok(kernels!(ops::probe_overhead(device, stream, ptr, reps))?)
 }
 
 /// Fake-quantize (quantize-dequantize) `rows * k` elements at device pointer `x` into `out`.
@@ -201,15 +203,9 @@ fn fake_quant_launch(
     } else {
         None
     };
-    #[cfg(aqn_cuda)]
-    {
-        ops::fake_quant(fmt, mode, dt, device, stream, x, out, rows, k, amax)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        let _ = (mode, dt, device, stream, x, out, rows, k, amax);
-        not_built()
-    }
+    kernels!(ops::fake_quant(
+        fmt, mode, dt, device, stream, x, out, rows, k, amax
+    ))
 }
 
 /// `cuda_fake_quant` on tensors: reads x and out (a new tensor like x) through DLPack's C
@@ -308,19 +304,9 @@ fn cuda_quantize(
     } else {
         None
     };
-    #[cfg(aqn_cuda)]
-    {
-        Ok(ops::quantize(
-            fmt, mode, dt, device, stream, x, codes, scales, gs_out, rows, k, amax,
-        )?)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        let _ = (
-            mode, dt, device, stream, x, codes, scales, gs_out, rows, k, amax,
-        );
-        Ok(not_built()?)
-    }
+    Ok(kernels!(ops::quantize(
+        fmt, mode, dt, device, stream, x, codes, scales, gs_out, rows, k, amax
+    ))?)
 }
 
 /// Dequantize packed codes and scale bytes into `rows * k` elements at `out`. NVFP4 takes
@@ -346,19 +332,9 @@ fn cuda_dequantize(
 ) -> PyResult<()> {
     let fmt = args::format(fmt)?;
     let dt = args::dtype(dtype)?;
-    #[cfg(aqn_cuda)]
-    {
-        Ok(ops::dequantize(
-            fmt, dt, device, stream, codes, scales, gs_ptr, gs_value, out, rows, k,
-        )?)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        let _ = (
-            fmt, dt, device, stream, codes, scales, gs_ptr, gs_value, out, rows, k,
-        );
-        Ok(not_built()?)
-    }
+    Ok(kernels!(ops::dequantize(
+        fmt, dt, device, stream, codes, scales, gs_ptr, gs_value, out, rows, k
+    ))?)
 }
 
 /// Max |x| over `n` elements at `x` into the f32 at `out` (NaN if any NaN, 0 if n == 0),
@@ -374,15 +350,7 @@ fn cuda_amax(
     out: u64,
 ) -> PyResult<()> {
     let dt = args::dtype(dtype)?;
-    #[cfg(aqn_cuda)]
-    {
-        Ok(ops::amax(dt, device, stream, x, n, scratch, out)?)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        let _ = (dt, device, stream, x, n, scratch, out);
-        Ok(not_built()?)
-    }
+    Ok(kernels!(ops::amax(dt, device, stream, x, n, scratch, out))?)
 }
 
 /// One max |x| over the tensors at `xs` (`ns` elements each, all of `dtype`) into the f32 at
@@ -402,15 +370,16 @@ fn cuda_amax_many(
     out: u64,
 ) -> PyResult<()> {
     let dt = args::dtype(dtype)?;
-    #[cfg(aqn_cuda)]
-    {
-        Ok(ops::amax_many(dt, device, stream, &xs, &ns, scratch, scratch_len, out)?)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        let _ = (dt, device, stream, xs, ns, scratch, scratch_len, out);
-        Ok(not_built()?)
-    }
+    Ok(kernels!(ops::amax_many(
+        dt,
+        device,
+        stream,
+        &xs,
+        &ns,
+        scratch,
+        scratch_len,
+        out
+    ))?)
 }
 
 /// Elements `offset .. offset + n` of AQN's noise for `(seed, step, name)` (docs/NOISE.md),
@@ -439,25 +408,17 @@ fn cuda_noise(
         );
     }
     let key = aqn_core::noise::noise_key(seed, name);
-    #[cfg(aqn_cuda)]
-    {
-        Ok(ops::noise(
-            dt,
-            device,
-            stream,
-            out,
-            n,
-            offset,
-            key,
-            step,
-            sigma as f32,
-        )?)
-    }
-    #[cfg(not(aqn_cuda))]
-    {
-        let _ = (dt, device, stream, out, n, offset, key, step);
-        Ok(not_built()?)
-    }
+    Ok(kernels!(ops::noise(
+        dt,
+        device,
+        stream,
+        out,
+        n,
+        offset,
+        key,
+        step,
+        sigma as f32
+    ))?)
 }
 
 /// Adds the CUDA functions (and `CUDA_AMAX_SCRATCH`) to the extension module.
