@@ -132,6 +132,29 @@ def main(argv=None) -> dict:
         "quant_sync": lambda: list(plugin.quant_sync(named, q, linears, groups, torch.bfloat16,
                                                      on_done=stats.update)),
     }
+    # The error statistics alone, on (w, q(w)) pairs made once: torch's multi-tensor kernels in
+    # batches of the plugin's size (a subtraction and two norms: five passes over the bytes)
+    # and the one-read kernel (`_cuda.sq_err_many`, CUDA only).
+    qs = [q.fake_quant(t) for t in weights]
+    batch = plugin._STATS_BATCH_BYTES
+
+    def stats_foreach():
+        i = 0
+        while i < len(weights):
+            j, b = i, 0
+            while j < len(weights) and b < batch:
+                b += weights[j].numel() * weights[j].element_size()
+                j += 1
+            torch._foreach_norm(torch._foreach_sub(weights[i:j], qs[i:j]), 2, dtype=torch.float32)
+            torch._foreach_norm(weights[i:j], 2, dtype=torch.float32)
+            i = j
+
+    variants["error sums (foreach)"] = stats_foreach
+    if args.device == "cuda":
+        from aqn_rs import _cuda  # noqa: PLC0415
+
+        if hasattr(_cuda, "sq_err_many"):
+            variants["error sums (sq_err_many)"] = lambda: _cuda.sq_err_many(weights, qs)
     if args.format == "nvfp4":
         variants["fake_quant+groups"] = group_fq
         variants["fake_quant+groups (torch amax)"] = lambda: group_fq(torch_amax=True)

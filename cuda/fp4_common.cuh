@@ -33,9 +33,11 @@ struct Args {
     float amax_value;       // NVFP4: host-given amax (when n_amax == 0)
     float gs_value;         // NVFP4 dequantize: host-given global scale (when gs_src is null)
     int mode;               // MXFP4 scale mode: 0 floor, 1 rceil, 2 even, 3 ceil
+    const void* y;          // second input elements (sq_err: the fake quant of x)
 };
 AQN_ABI_STRUCT(Args);
 AQN_ABI_FIELD(Args, x);
+AQN_ABI_FIELD(Args, y);
 AQN_ABI_FIELD(Args, out);
 AQN_ABI_FIELD(Args, codes);
 AQN_ABI_FIELD(Args, scales);

@@ -156,6 +156,84 @@ __device__ __forceinline__ void amax_partials(const Args& a) {
     }
 }
 
+// Per-CTA sums, in f32, of (x - y)^2 and x^2 over two flat tensors of rows * k elements (x a
+// weight, y its fake quant: the weight sync's error statistics) into out[2 * blockIdx.x] and
+// out[2 * blockIdx.x + 1]; CTA 0 also zeroes the pairs from gridDim.x to n_amax, so the caller
+// folds a fixed stretch of n_amax pairs per tensor. One read of each input (a subtraction, a
+// norm of it and a norm of x in torch are five passes over the bytes). The vector path needs
+// both inputs 16-byte aligned; otherwise every element goes one by one. Sums in f32 per
+// thread: the statistics are diagnostics (relative error, SQNR), not bit-exact values.
+template <typename T>
+__device__ __forceinline__ void sq_err_partials(const Args& a) {
+    using D = Dtype<T>;
+    constexpr int EPV = D::EPV;
+    const long long n = a.rows * a.k;
+    const bool vec = ((uintptr_t(a.x) | uintptr_t(a.y)) & 15u) == 0;
+    const long long n_vec = vec ? n / EPV : 0;
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long nthreads = (long long)gridDim.x * blockDim.x;
+    float se = 0.0f, sr = 0.0f;
+    for (long long i = n_vec * EPV + tid; i < n; i += nthreads) {
+        const float w = D::load_scalar(a.x, i);
+        const float d = w - D::load_scalar(a.y, i);
+        se = fmaf(d, d, se);
+        sr = fmaf(w, w, sr);
+    }
+    const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(a.x);
+    const uint4* __restrict__ yv = reinterpret_cast<const uint4*>(a.y);
+    for (long long base = (long long)blockIdx.x * blockDim.x * AMAX_UNROLL; base < n_vec;
+         base += nthreads * AMAX_UNROLL) {
+        uint4 vx[AMAX_UNROLL], vy[AMAX_UNROLL];
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) {
+            const long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            const bool in = i < n_vec;
+            vx[u] = in ? __ldg(xv + i) : make_uint4(0, 0, 0, 0);
+            vy[u] = in ? __ldg(yv + i) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) {
+            float w[EPV], q[EPV];
+            D::unpack(vx[u], w);
+            D::unpack(vy[u], q);
+#pragma unroll
+            for (int e = 0; e < EPV; ++e) {
+                const float d = w[e] - q[e];
+                se = fmaf(d, d, se);
+                sr = fmaf(w[e], w[e], sr);
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        se += __shfl_xor_sync(0xFFFFFFFFu, se, o);
+        sr += __shfl_xor_sync(0xFFFFFFFFu, sr, o);
+    }
+    __shared__ float s_e[AMAX_THREADS / 32], s_r[AMAX_THREADS / 32];
+    if ((threadIdx.x & 31) == 0) {
+        s_e[threadIdx.x / 32] = se;
+        s_r[threadIdx.x / 32] = sr;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const bool have = threadIdx.x < blockDim.x / 32;
+        se = have ? s_e[threadIdx.x] : 0.0f;
+        sr = have ? s_r[threadIdx.x] : 0.0f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            se += __shfl_xor_sync(0xFFFFFFFFu, se, o);
+            sr += __shfl_xor_sync(0xFFFFFFFFu, sr, o);
+        }
+        if (threadIdx.x == 0) {
+            static_cast<float*>(a.out)[2 * blockIdx.x] = se;
+            static_cast<float*>(a.out)[2 * blockIdx.x + 1] = sr;
+        }
+    }
+    if (blockIdx.x == 0)
+        for (int i = 2 * gridDim.x + threadIdx.x; i < 2 * a.n_amax; i += blockDim.x)
+            static_cast<float*>(a.out)[i] = 0.0f;
+}
+
 }  // namespace aqn
 
 AQN_FP4_KERNELS(nvfp4, float, f32, aqn::NvRuleOf, aqn::NvDequantRuleOf)
@@ -170,6 +248,15 @@ AQN_FP4_KERNELS(nvfp4, __half, f16, aqn::NvRuleOf, aqn::NvDequantRuleOf)
 AQN_AMAX_KERNEL(float, f32)
 AQN_AMAX_KERNEL(__nv_bfloat16, bf16)
 AQN_AMAX_KERNEL(__half, f16)
+
+#define AQN_SQ_ERR_KERNEL(T, DT)                                                    \
+    extern "C" __global__ void __launch_bounds__(aqn::AMAX_THREADS)                \
+        sq_err_partials_##DT(const aqn::Args a) {                                  \
+        aqn::sq_err_partials<T>(a);                                                \
+    }
+AQN_SQ_ERR_KERNEL(float, f32)
+AQN_SQ_ERR_KERNEL(__nv_bfloat16, bf16)
+AQN_SQ_ERR_KERNEL(__half, f16)
 
 // Folds n_amax partials into out[0] (0 for none): the `amax` op's second launch. One warp.
 extern "C" __global__ void __launch_bounds__(aqn::FINALIZE_THREADS) amax_finalize(const aqn::Args a) {

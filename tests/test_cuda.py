@@ -412,6 +412,68 @@ def test_amax_many_rejects_bad_input():
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_sq_err_many_matches_float64(dtype):
+    """sq_err_many (the weight sync's error sums: one read of each tensor) == the float64 sums
+    of the same elements to f32 accumulation rounding, per pair: the vector path and the
+    scalar one (an offset view misaligns x, y or both), sizes around the vector width and the
+    grid's reach, an empty pair, a pair of equal tensors (exactly 0 error), a real fake quant,
+    many pairs of one call."""
+    g = torch.Generator().manual_seed(11)
+
+    def pair(n, off_x=0, off_y=0):
+        base = torch.randn(n + 1, generator=g) * 0.02
+        y = base + torch.randn(n + 1, generator=g) * 0.002
+        x = base.to(dtype).cuda()
+        return x[off_x:off_x + n], y.to(dtype).cuda()[off_y:off_y + n]
+
+    pairs = [pair(n) for n in (0, 1, 7, 8, 9, 4095, 8 * 4096 + 3, (1 << 20) + 5, 3 << 20)]
+    pairs += [pair(4099, 1, 0), pair(4099, 0, 1), pair(4099, 1, 1), pair(1 << 20, 3, 3)]
+    w = pairs[-5][0]
+    pairs += [(w, w.clone())]  # no error at all
+    wq = (torch.randn(64, 4096, generator=g) * 0.02).to(dtype).cuda()
+    pairs += [(wq, aqn_rs.Nvfp4Quantizer().fake_quant(wq))]
+    got = _cuda.sq_err_many([x for x, _ in pairs], [y for _, y in pairs])
+    assert got.shape == (len(pairs), 2) and got.dtype == torch.float64 and got.device == wq.device
+    for i, (x, y) in enumerate(pairs):
+        xd, yd = x.double().cpu(), y.double().cpu()
+        want = torch.stack([(xd - yd).square().sum(), xd.square().sum()])
+        assert torch.allclose(got[i].cpu(), want, rtol=1e-5, atol=0), (dtype, i, x.numel(), got[i], want)
+    assert got[len(pairs) - 2, 0] == 0 and got[0].tolist() == [0.0, 0.0]
+    # the same pairs one call each: a pair's sums do not depend on its neighbours
+    for i in (1, 6, len(pairs) - 1):
+        one = _cuda.sq_err_many([pairs[i][0]], [pairs[i][1]])
+        assert torch.equal(one[0], got[i]), i
+
+
+@gpu
+def test_sq_err_many_rejects_bad_input():
+    x = torch.randn(64, device="cuda")
+    with pytest.raises(ValueError, match="needs pairs"):
+        _cuda.sq_err_many([], [])
+    with pytest.raises(ValueError, match="needs pairs"):
+        _cuda.sq_err_many([x, x], [x])
+    with pytest.raises(ValueError, match="one dtype and one device"):
+        _cuda.sq_err_many([x], [x.to(torch.bfloat16)])
+    with pytest.raises(ValueError, match="CPU tensor"):
+        _cuda.sq_err_many([x], [x.cpu()])
+    with pytest.raises(ValueError, match="64 and 65 elements"):
+        _cuda.sq_err_many([x], [torch.randn(65, device="cuda")])
+    out = torch.empty(2048, device="cuda")
+    st = torch.cuda.current_stream().cuda_stream
+    p = x.data_ptr()
+    with pytest.raises(ValueError, match="needs 4096"):  # a stretch for one pair, two given
+        _rs.cuda_sq_err_many("f32", 0, st, [p, p], [p, p], [64, 64], out.data_ptr(), 2048)
+    with pytest.raises(ValueError, match="2 x pointers, 1 y pointers and 2 element counts"):
+        _rs.cuda_sq_err_many("f32", 0, st, [p, p], [p], [64, 64], out.data_ptr(), 4096)
+    with pytest.raises(ValueError):  # out_len says more than the buffer holds
+        _rs.cuda_sq_err_many("f32", 0, st, [p], [p], [64], out.data_ptr(), 1 << 40)
+    with pytest.raises(ValueError):  # a pair's count runs past its buffers
+        _rs.cuda_sq_err_many("f32", 0, st, [p], [p], [65], out.data_ptr(), 2048)
+    torch.cuda.synchronize()
+
+
+@gpu
 @pytest.mark.parametrize("fmt", ("mxfp4", "nvfp4"))
 def test_quant_sync_on_cuda_equals_cpu(fmt):
     """The verl plugin's weight-sync fake quant on CUDA tensors (amax_many for the fused

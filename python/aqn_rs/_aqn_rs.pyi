@@ -36,6 +36,7 @@ __all__ = [
     "cuda_dequantize",
     "cuda_amax",
     "cuda_amax_many",
+    "cuda_sq_err_many",
     "cuda_noise",
     "ModuleSelector",
     "SigmaScheduler",
@@ -230,6 +231,13 @@ def cuda_amax_many(
 ) -> None:
     """One max |x| over the tensors at device pointers `xs` (`ns` elements each, all of `dtype`) into
     the f32 at `out`; `scratch` holds `scratch_len` f32, at least len(xs) * CUDA_AMAX_SCRATCH."""
+def cuda_sq_err_many(
+    dtype: str, device: int, stream: int, xs: Sequence[int], ys: Sequence[int], ns: Sequence[int], out: int,
+    out_len: int,
+) -> None:
+    """Per pair of tensors at `xs[i]`, `ys[i]` (`ns[i]` elements, all of `dtype`), the per-CTA f32 sums
+    of (x - y)^2 and x^2 into stretch i of `out` (`out_len` f32, at least len(xs) * 2 * CUDA_AMAX_SCRATCH:
+    CUDA_AMAX_SCRATCH pairs per tensor, the unused ones zero)."""
 def cuda_fake_quant_t(
     x: Any, out: Any, fmt: str, mode: str, amax_ptr: int, amax_value: Optional[float], scratch: int,
 ) -> bool:

@@ -150,6 +150,34 @@ def amax_many(xs: List[Any]):
     return out
 
 
+def sq_err_many(xs: List[Any], ys: List[Any]):
+    """Per pair (x, y) of CUDA tensors of one dtype and device (x a weight, y its fake quant,
+    same number of elements): `[[sum (x - y)^2, sum x^2], ...]` as a float64 tensor of shape
+    `[len(xs), 2]` on their device, no sync. One read of each tensor in the kernel (f32 sums
+    per CTA), one fold in float64 for all of them."""
+    import torch
+
+    if not xs or len(xs) != len(ys):
+        raise ValueError(f"sq_err_many needs pairs: got {len(xs)} x and {len(ys)} y tensors")
+    tag, dev = _check(xs[0])
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        for t, what in ((x, f"x {i}"), (y, f"y {i}")):
+            tt, d = _check(t, what)
+            if tt != tag or d != dev:
+                raise ValueError(
+                    f"sq_err_many: {what} is {t.dtype} on cuda:{d}, x 0 {xs[0].dtype} on cuda:{dev}; "
+                    "one dtype and one device for all"
+                )
+        if x.numel() != y.numel():
+            raise ValueError(f"sq_err_many: pair {i} has {x.numel()} and {y.numel()} elements")
+    out = torch.empty(len(xs) * 2 * _AMAX_SCRATCH, dtype=torch.float32, device=xs[0].device)
+    _rs.cuda_sq_err_many(
+        tag, dev, _raw_stream(dev), [x.data_ptr() for x in xs], [y.data_ptr() for y in ys],
+        [x.numel() for x in xs], out.data_ptr(), out.numel(),
+    )
+    return out.view(len(xs), _AMAX_SCRATCH, 2).sum(1, dtype=torch.float64)
+
+
 def fake_quant(x: Any, fmt: str, scale_mode: str, amax: Any = None):
     """Quantize-dequantize x ("mxfp4" with scale_mode, or "nvfp4" with an optional amax:
     None computes it on the device, a float or a 0-d tensor on any device is used as is).

@@ -128,6 +128,11 @@ pub fn amax_partials_kernel(dt: Dt) -> String {
     format!("amax_partials_{}", dt.name())
 }
 
+/// The per-CTA sums of (x - y)^2 and x^2 of a dtype (cuda/nvfp4.cu `AQN_SQ_ERR_KERNEL`).
+pub fn sq_err_partials_kernel(dt: Dt) -> String {
+    format!("sq_err_partials_{}", dt.name())
+}
+
 /// Folds the partials into one f32 (cuda/nvfp4.cu).
 pub const AMAX_FINALIZE_KERNEL: &str = "amax_finalize";
 
@@ -154,6 +159,7 @@ pub struct Args {
     pub amax_value: f32,
     pub gs_value: f32,
     pub mode: i32,
+    pub y: u64,
 }
 
 impl Args {
@@ -173,6 +179,7 @@ impl Args {
             amax_value: 0.0,
             gs_value: 0.0,
             mode: 0,
+            y: 0,
         }
     }
 }
@@ -234,7 +241,7 @@ macro_rules! c_layout {
 /// The layout of `Args` (and so of `aqn::Args`).
 // Read by build.rs, which compiles this file too; the extension needs only the asserts.
 #[allow(dead_code)]
-pub const ARGS_LAYOUT: CLayout = c_layout!(Args, size 88, align 8, [
+pub const ARGS_LAYOUT: CLayout = c_layout!(Args, size 96, align 8, [
     x: 0,
     out: 8,
     codes: 16,
@@ -248,6 +255,7 @@ pub const ARGS_LAYOUT: CLayout = c_layout!(Args, size 88, align 8, [
     amax_value: 76,
     gs_value: 80,
     mode: 84,
+    y: 88,
 ]);
 
 /// The layout of `NoiseArgs` (and so of `aqn_noise::NoiseArgs`).

@@ -45,6 +45,8 @@ pub struct Device {
     /// `amax_partials_<dt>`, indexed by `Dt`.
     pub amax_partials: [Func; 3],
     pub amax_finalize: Func,
+    /// `sq_err_partials_<dt>`, indexed by `Dt`.
+    pub sq_err_partials: [Func; 3],
     /// `noise_<dt>`, indexed by `Dt`.
     pub noise: [Func; 3],
     pub sms: u32,
@@ -257,6 +259,10 @@ fn init_device(ordinal: i32) -> Result<Device> {
         amax_partials[dt as usize] = get_func(nv, &abi::amax_partials_kernel(dt))?;
     }
     let amax_finalize = get_func(nv, abi::AMAX_FINALIZE_KERNEL)?;
+    let mut sq_err_partials = [Func(std::ptr::null_mut()); 3];
+    for dt in dts {
+        sq_err_partials[dt as usize] = get_func(nv, &abi::sq_err_partials_kernel(dt))?;
+    }
     let nz = load_module(NOISE_FATBIN, "noise")?;
     let mut noise = [Func(std::ptr::null_mut()); 3];
     for dt in dts {
@@ -267,6 +273,7 @@ fn init_device(ordinal: i32) -> Result<Device> {
         elem,
         amax_partials,
         amax_finalize,
+        sq_err_partials,
         noise,
         sms: sms.max(1) as u32,
         cc_major,

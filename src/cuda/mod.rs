@@ -382,6 +382,29 @@ fn cuda_amax_many(
     ))?)
 }
 
+/// The weight sync's error statistics in one call: for each pair of tensors `xs[i]`, `ys[i]`
+/// (`ns[i]` elements, all of `dtype`; x a weight, y its fake quant) the per-CTA f32 sums of
+/// `(x - y)^2` and `x^2`, in stretch `i` of `out` (`out_len` f32, at least
+/// `len(xs) * 2 * AMAX_SCRATCH`): `AMAX_SCRATCH` pairs each, the unused ones zero.
+#[pyfunction]
+// The Python signature: _cuda.py passes each buffer and size as its own argument.
+#[allow(clippy::too_many_arguments)]
+fn cuda_sq_err_many(
+    dtype: &str,
+    device: i32,
+    stream: u64,
+    xs: Vec<u64>,
+    ys: Vec<u64>,
+    ns: Vec<u64>,
+    out: u64,
+    out_len: u64,
+) -> PyResult<()> {
+    let dt = args::dtype(dtype)?;
+    Ok(kernels!(ops::sq_err_many(
+        dt, device, stream, &xs, &ys, &ns, out, out_len
+    ))?)
+}
+
 /// Elements `offset .. offset + n` of AQN's noise for `(seed, step, name)` (docs/NOISE.md),
 /// `z * float32(sigma)` cast to `dtype`, into `n` elements at `out`: the CUDA twin of
 /// `noise_fill_f32`, bit for bit.
@@ -440,6 +463,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_amax, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_amax_many, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_sq_err_many, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_noise, m)?)?;
     Ok(())
 }

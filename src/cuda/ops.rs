@@ -5,11 +5,13 @@
 use cudarc::driver::sys;
 
 use super::abi::{
-    Args, Dt, Fmt, NoiseArgs, Op, AMAX_SCRATCH, FINALIZE_THREADS, NOISE_THREADS, VEC_THREADS,
+    Args, Dt, Fmt, NoiseArgs, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL, FINALIZE_THREADS,
+    NOISE_THREADS, VEC_THREADS,
 };
 use super::args::{numel, AmaxSource};
 use super::launch::{pick, Launch};
 use super::ptr::{check_ptr, check_stream};
+use super::tuning;
 use crate::error::{Error, Result};
 
 // One parameter per argument of the Python entry point it serves, already parsed:
@@ -274,6 +276,62 @@ pub fn amax_many(
     a.n_amax = off as i32; // at most len * AMAX_SCRATCH, checked above to fit the buffer
     a.amax_src = scratch;
     l.launch(l.dev.amax_finalize, 1, FINALIZE_THREADS, &a)
+}
+
+/// Per tensor pair `(x, y)` of `ns` elements each (all of `dt`): the f32 sums of
+/// `(x - y)^2` and `x^2` of each CTA, in stretch `i` of `out` (`out_len` f32): pairs
+/// `i * AMAX_SCRATCH .. (i + 1) * AMAX_SCRATCH`, the unused ones zeroed, so the caller folds
+/// every stretch the same way (the weight sync's error statistics: one read of each input).
+// One parameter per argument of the Python entry point it serves, already parsed.
+#[allow(clippy::too_many_arguments)]
+pub fn sq_err_many(
+    dt: Dt,
+    ordinal: i32,
+    stream: u64,
+    xs: &[u64],
+    ys: &[u64],
+    ns: &[u64],
+    out: u64,
+    out_len: u64,
+) -> Result<()> {
+    if xs.len() != ys.len() || xs.len() != ns.len() {
+        return Err(Error::Value(format!(
+            "sq_err_many: {} x pointers, {} y pointers and {} element counts",
+            xs.len(),
+            ys.len(),
+            ns.len()
+        )));
+    }
+    let stretch = 2 * AMAX_SCRATCH as u64; // f32 per tensor
+    let need = (xs.len() as u64).saturating_mul(stretch);
+    if out_len < need {
+        return Err(Error::Value(format!(
+            "sq_err_many: out of {out_len} f32 for {} tensors (needs {need})",
+            xs.len()
+        )));
+    }
+    let l = Launch::new(ordinal, stream)?;
+    l.ptr("out", out, need.saturating_mul(4), 4)?;
+    let size = dt.size() as u64;
+    for ((&x, &y), &n) in xs.iter().zip(ys).zip(ns) {
+        let bytes = n.checked_mul(size).ok_or_else(|| {
+            Error::Value(format!("sq_err_many: {n} elements overflow the byte count"))
+        })?;
+        l.ptr("x", x, bytes, size)?;
+        l.ptr("y", y, bytes, size)?;
+    }
+    let per_cta = AMAX_THREADS as u64 * AMAX_UNROLL * dt.epv() as u64;
+    let cap = (l.dev.sms as u64 * tuning::amax_ctas_per_sm() as u64).min(AMAX_SCRATCH as u64);
+    for (i, ((&x, &y), &n)) in xs.iter().zip(ys).zip(ns).enumerate() {
+        let mut a = Args::new(1, n);
+        a.x = x;
+        a.y = y;
+        a.out = out + 4 * stretch * i as u64;
+        a.n_amax = AMAX_SCRATCH as i32; // pairs in the stretch: the kernel zeroes the unused
+        let grid = n.div_ceil(per_cta).clamp(1, cap);
+        l.launch(l.dev.sq_err_partials[dt as usize], grid, AMAX_THREADS, &a)?;
+    }
+    Ok(())
 }
 
 /// Elements `offset .. offset + n` of the noise of `(key, step)`, `z * sigma` cast to
