@@ -139,20 +139,6 @@ class _STELink(torch.autograd.Function):
         return torch.ops.aqn_rs.clipped_ste_grad(grad, w, ctx.fmt, ctx.scale_mode, amax), None, None, None, None, None
 
 
-class _STEIdentity(torch.autograd.Function):
-    """`_STELink` for `ste="identity"`, with two inputs instead of six: one of these runs per
-    quantized Linear per forward, micro-batches included, and autograd's per-input work is
-    most of its host cost."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, q: Tensor) -> Tensor:
-        return q.view_as(q)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
 def _normal_tensor(compute, *args) -> Tensor:
     """`compute(*args)` outside autograd and, if it is on, outside `inference_mode`: a value
     that is cached and served to later forwards must be a normal tensor (an inference tensor
@@ -202,13 +188,14 @@ class _WeightCache:
     a training forward and the other way round. A weight that is itself an inference tensor
     has no version counter: it is never cached."""
 
-    __slots__ = ("key", "value", "hits", "misses")
+    __slots__ = ("key", "value", "hits", "misses", "linked")
 
     def __init__(self) -> None:
         self.key: Optional[tuple] = None
         self.value: Optional[Tensor] = None
         self.hits = 0
         self.misses = 0
+        self.linked: Optional[tuple] = None  # (w, value, the STE view), see link()
 
     def get(self, w: Tensor, compute, extra: tuple = ()) -> Tensor:
         if w.is_inference():
@@ -216,7 +203,7 @@ class _WeightCache:
             return compute(w.detach())
         key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, extra)
         if key != self.key:
-            self.key, self.value = None, None  # a failed compute leaves no stale entry
+            self.key, self.value, self.linked = None, None, None  # a failed compute leaves no stale entry
             self.value = _normal_tensor(compute, w.detach())
             self.key = key
             self.misses += 1
@@ -224,8 +211,23 @@ class _WeightCache:
             self.hits += 1
         return self.value
 
+    def link(self, w: Tensor, q: Tensor) -> Tensor:
+        """The identity STE's output for a training forward: the values of `q` with `w`'s
+        gradient path, made once per (w, cached value) and served to every training forward
+        until the value changes. It is a `view_as` of `w` whose data is swapped for `q`'s:
+        autograd records the view (its backward, in C++, hands the gradient to `w`
+        unchanged, and it saves no tensor, so each micro-batch's backward runs through it
+        again), while the forward reads `q`. An `autograd.Function` here cost two Python
+        calls per Linear per micro-batch (forward and backward) on the host."""
+        got = self.linked
+        if got is None or got[0] is not w or got[1] is not q:
+            v = w.view_as(w)
+            v.data = q  # same shape, dtype and device: only the storage changes
+            got = self.linked = (w, q, v)
+        return got[2]
+
     def clear(self) -> None:
-        self.key, self.value = None, None
+        self.key, self.value, self.linked = None, None, None
 
 
 class _GroupAmax:
@@ -388,7 +390,7 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
             qw = cache.get(w, lambda wd: compute_q(wd, amax), extra)
             if torch.is_grad_enabled() and w.requires_grad:
                 if ste == "identity":
-                    return _STEIdentity.apply(w, qw)
+                    return cache.link(w, qw)
                 return _STELink.apply(w, qw, fmt, mode, ste, amax)
             return qw
         return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, amax)
