@@ -19,7 +19,7 @@ vLLM rollout) with the aqn_rs plugin (`aqn_rs.integrations.verl`), from one comm
   logger), metrics.jsonl, summary.json, curves.png, checkpoints/}`; metrics.jsonl and
   summary.json have the local engine's keys, so `aqn-rs compare` reads verl runs too.
 
-`aqn_rs.experiments.cli` dispatches `--engine verl` here (`run_cli(args)`).
+`aqn-rs run | sweep` (aqn_rs.cli.run) dispatches `--engine verl` here (`run_cli(args)`).
 """
 
 from __future__ import annotations
