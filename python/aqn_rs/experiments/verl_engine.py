@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..integrations.verl import parse_config
 from . import outputs
-from .data import BUILTIN, SYSTEM_PROMPT, load_data, parse_mix, prompt_messages, read_jsonl
+from .data import BUILTIN, SYSTEM_PROMPT, load_data, parse_mix, prompt_messages, read_gsm8k
 from .env import parse_sigmas, visible_gpus
 from .errors import ExperimentError
 from .reward import GSM8K_SUFFIX, ground_truth
@@ -138,20 +138,7 @@ def read_records(data: Optional[str], mix: Any = None) -> Tuple[List[Dict[str, A
             raise ExperimentError(f"cannot load {HUB_DATASET} from the Hub ({type(e).__name__}); pass --data "
                                   "with a folder holding train.jsonl and test.jsonl") from None
         return list(ds["train"]), list(ds["test"]), f"{HUB_DATASET} (Hugging Face Hub)"
-    p = pathlib.Path(data)
-    if p.is_dir():
-        tr, te = p / "train.jsonl", p / "test.jsonl"
-        if not tr.is_file() or not te.is_file():
-            raise ExperimentError(f"data folder {p} needs train.jsonl and test.jsonl (GSM8K layout)")
-        train, test = read_jsonl(tr), read_jsonl(te)
-        return train, test, f"{p} (train.jsonl {len(train)}, test.jsonl {len(test)})"
-    if not p.exists():
-        raise ExperimentError(f"data path {p} does not exist")
-    recs = read_jsonl(p)
-    n_eval = max(1, len(recs) // 10)
-    if len(recs) - n_eval < 1:
-        raise ExperimentError(f"data file {p} has too few records ({len(recs)}) to split into train and validation")
-    return recs[:-n_eval], recs[-n_eval:], f"{p} ({len(recs) - n_eval} train, last {n_eval} validate)"
+    return read_gsm8k(data)
 
 
 def write_parquet(rows: Sequence[Dict[str, Any]], path: pathlib.Path) -> None:
