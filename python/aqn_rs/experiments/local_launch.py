@@ -13,19 +13,16 @@ from typing import Any, Dict, List, Optional
 
 from ..models import resolve_model
 from . import data as data_mod
-from .env import visible_gpus
+from .env import parse_gpus, visible_gpus
 from .errors import ExperimentError
 
 
 def resolve_gpus(text: Any) -> int:
     """`auto` -> every visible GPU (0 without CUDA); N -> N, checked against what is present."""
     present = visible_gpus()
-    if text in (None, "auto"):
+    n = parse_gpus(text)
+    if n is None:
         return present
-    try:
-        n = int(text)
-    except (TypeError, ValueError):
-        raise ExperimentError(f"--gpus must be a number or auto, got {text!r}") from None
     if n < 0:
         raise ExperimentError(f"--gpus must be >= 0, got {n}")
     if n > present:

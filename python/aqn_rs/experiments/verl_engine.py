@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from ..integrations.verl import parse_config
 from . import outputs
 from .data import BUILTIN, SYSTEM_PROMPT, load_data, parse_mix, prompt_messages, read_gsm8k
-from .env import parse_sigmas, visible_gpus
+from .env import parse_gpus, parse_sigmas, visible_gpus
 from .errors import ExperimentError
 from .reward import GSM8K_SUFFIX, ground_truth
 
@@ -413,16 +413,13 @@ def worker_env() -> Dict[str, str]:
 
 def _gpus(text: Any, dry_run: bool) -> Tuple[int, str]:
     present = visible_gpus()
-    if text in (None, "auto"):
+    n = parse_gpus(text)
+    if n is None:
         if present:
             return present, f"{present} GPU(s) (all visible)"
         if dry_run:
             return PLAN_GPUS, f"{PLAN_GPUS} GPUs (the plan's; none visible here)"
         raise ExperimentError("the verl engine needs GPUs (none visible); use --engine local for a CPU run")
-    try:
-        n = int(text)
-    except (TypeError, ValueError):
-        raise ExperimentError(f"--gpus must be a number or auto, got {text!r}") from None
     if n < 1:
         raise ExperimentError(f"the verl engine needs --gpus >= 1, got {n} (use --engine local for a CPU run)")
     if not dry_run and n > present:
