@@ -86,18 +86,15 @@ def _run(args) -> int:
               f"files in {cfg['run']['output']}")
         return 0
     if cmd == "sweep":
-        from ..experiments.presets import load_preset
+        from ..experiments.presets import load_preset, sigma_ratio, sweep_point
 
         sigmas = parse_sigmas(args.sigma)
         base = load_preset(args.preset, args.overrides)
-        n = base["noise_injection"]
-        if not n.get("enabled"):
-            raise ExperimentError(f"preset {args.preset} has no AQN block (noise_injection.enabled is false): nothing to sweep")
-        ratio = float(n["sigma_end"]) / float(n["sigma_start"]) if n["sigma_start"] else 1.0
+        ratio = sigma_ratio(base, args.preset)
         cfgs = []
         for s in sigmas:
-            name = f"{args.name or base['name']}-sigma{s:g}"
-            cfgs.append(prepare(args, [f"noise_injection.sigma_start={s!r}", f"noise_injection.sigma_end={s * ratio!r}"], name))
+            name, ov = sweep_point(args.name or base["name"], s, ratio)
+            cfgs.append(prepare(args, ov, name))
         for c in cfgs:
             print(describe(c), flush=True)
         if args.dry_run:

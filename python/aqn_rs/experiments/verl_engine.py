@@ -509,12 +509,9 @@ def run_cli(args: Any) -> int:
         from . import presets  # yaml
 
         base = presets.load_preset(args.preset, args.overrides)
-        n = base["noise_injection"]
-        if not n.get("enabled"):
-            raise ExperimentError(f"preset {args.preset} has no AQN block (noise_injection.enabled is false): nothing to sweep")
-        ratio = float(n["sigma_end"]) / float(n["sigma_start"]) if n["sigma_start"] else 1.0
-        cfgs = [plan_run(args, [f"noise_injection.sigma_start={s!r}", f"noise_injection.sigma_end={s * ratio!r}"],
-                         f"{args.name or base['name']}-sigma{s:g}") for s in parse_sigmas(args.sigma)]
+        ratio = presets.sigma_ratio(base, args.preset)
+        points = [presets.sweep_point(args.name or base["name"], s, ratio) for s in parse_sigmas(args.sigma)]
+        cfgs = [plan_run(args, ov, name) for name, ov in points]
         for c in cfgs:
             print(describe(c), flush=True)
         if args.dry_run:
