@@ -501,9 +501,7 @@ def run_cli(args: Any) -> int:
         if args.dry_run:
             return 0
         s = execute(cfg, args.data)
-        print(f"{cfg['name']}: strict {100 * (s.get('val_strict_initial') or 0):.1f}% -> "
-              f"{100 * (s.get('val_strict_final') or 0):.1f}%, collapse verdict {s.get('collapse', {}).get('verdict')}; "
-              f"files in {cfg['run']['output']}")
+        print(outputs.summary_line(cfg, s))
         return 0
     if cmd == "sweep":
         from . import presets  # yaml
