@@ -24,6 +24,7 @@ from . import demo, run, scan
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The `aqn-rs` command (also `python -m aqn_rs`): parse `argv`, run it, return the exit status."""
     ap = argparse.ArgumentParser(prog="aqn-rs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
