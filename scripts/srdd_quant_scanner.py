@@ -10,7 +10,7 @@ here with underscores: --plot, --compare, --device, --exclude, --scale_mode, --c
 
 import sys
 
-from aqn_rs.scan import plan_main
+from aqn_rs.cli.scan import plan_main
 
 if __name__ == "__main__":
     sys.exit(plan_main())

@@ -102,6 +102,16 @@ def sync_dev(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def timed(device: torch.device, timings: Dict[str, float], key: str):
+    """`timings[key]`: the block's wall time in ms, with the device's queue drained on both sides."""
+    sync_dev(device)
+    t0 = time.perf_counter()
+    yield
+    sync_dev(device)
+    timings[key] = 1e3 * (time.perf_counter() - t0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Engines: verl's FSDPEngine (with verl installed) or the same steps by hand
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +268,16 @@ class FakeWorker:
         self.model_runner = type("Runner", (), {"model": model})()
 
 
+def checked_sync(rep: Report, eng, q, device: torch.device, timings: Dict[str, float], key: str,
+                 tag: str) -> Dict[str, torch.Tensor]:
+    """One timed weight sync (`timings[key]`), checked against `fake_quant` of the actor's weights."""
+    with timed(device, timings, key):
+        synced = eng.sync()
+    quantized = eng.state.quant_modules
+    compare_sync(rep, tag, synced, expected_sync(full_state(eng.module), quantized, q), len(quantized))
+    return synced
+
+
 def rollout_model(hf_config, synced: Dict[str, torch.Tensor], device: torch.device):
     """A plain transformers model with bf16 parameters (buffers as in the actor) holding the
     synced weights: the weights vLLM's load_weights would get."""
@@ -291,13 +311,7 @@ def run_one(rep: Report, engine_cls, path: str, fmt: str, device: torch.device, 
     q = aqn_rs.Mxfp4Quantizer() if fmt == "mxfp4" else aqn_rs.Nvfp4Quantizer()
 
     st.set_step(0)
-    sync_dev(device)
-    t0 = time.perf_counter()
-    s0 = eng.sync()
-    sync_dev(device)
-    timings[f"{tag}/sync_ms"] = 1e3 * (time.perf_counter() - t0)
-    compare_sync(rep, f"{tag} step 0", s0, expected_sync(full_state(eng.module), st.quant_modules, q),
-                 len(st.quant_modules))
+    s0 = checked_sync(rep, eng, q, device, timings, f"{tag}/sync_ms", f"{tag} step 0")
     rep.note(f"{tag}: sync error", **{k: round(v, 5) for k, v in (st.last_stats or {}).items()
                                       if isinstance(v, float)})
 
@@ -316,25 +330,16 @@ def run_one(rep: Report, engine_cls, path: str, fmt: str, device: torch.device, 
         norm = eng.step()
         rep.check(f"{tag}: train step {s} (STE gradient reaches {qname})", gnorm > 0 and norm == norm,
                   loss=round(float(loss), 4), q_proj_grad_norm=round(gnorm, 6), grad_norm=round(norm, 4))
-    sync_dev(device)
-    t0 = time.perf_counter()
-    s1 = eng.sync()
-    sync_dev(device)
-    timings[f"{tag}/sync_ms_warm"] = 1e3 * (time.perf_counter() - t0)
-    compare_sync(rep, f"{tag} after {steps} step(s)", s1, expected_sync(full_state(eng.module), st.quant_modules, q),
-                 len(st.quant_modules))
+    s1 = checked_sync(rep, eng, q, device, timings, f"{tag}/sync_ms_warm", f"{tag} after {steps} step(s)")
     k = qname + ".weight"
     rep.check(f"{tag}: synced weights moved", not torch.equal(s0[k], s1[k]))
 
     # the rollout: synced weights + the step's AQN, as aqn_rs_apply puts it on the vLLM model
     step = st.step
     ref = rollout_model(eng.hf_config, s1, device)
-    sync_dev(device)
-    t0 = time.perf_counter()
-    worker = FakeWorker(ref)  # one vLLM worker: its AQN state lives as long as it does
-    n = plugin.vllm_worker_apply(worker, step, NOISE, TOTAL)
-    sync_dev(device)
-    timings[f"{tag}/rollout_rmsnorm_aqn_ms"] = 1e3 * (time.perf_counter() - t0)
+    with timed(device, timings, f"{tag}/rollout_rmsnorm_aqn_ms"):
+        worker = FakeWorker(ref)  # one vLLM worker: its AQN state lives as long as it does
+        n = plugin.vllm_worker_apply(worker, step, NOISE, TOTAL)
     eng.module.eval()
     with torch.no_grad():
         a = eng.module(input_ids=ids).logits
@@ -393,11 +398,8 @@ def noise_checks(rep: Report, hf_config, device: torch.device, timings: Dict[str
                                                                                device=device), 15)
              for m, n in zip("qkv", sizes)]
     rep.check("noise: fused qkv_proj rows == the actor's q/k/v draws", torch.equal(fused, torch.cat(parts, 0)))
-    sync_dev(device)
-    t0 = time.perf_counter()
-    cnt = plugin.vllm_worker_apply(FakeWorker(vm), 15, block, TOTAL)
-    sync_dev(device)
-    timings["rollout_linear_aqn_qkv_all_layers_ms"] = 1e3 * (time.perf_counter() - t0)
+    with timed(device, timings, "rollout_linear_aqn_qkv_all_layers_ms"):
+        cnt = plugin.vllm_worker_apply(FakeWorker(vm), 15, block, TOTAL)
     rep.note("noise: Linear AQN on every layer's qkv_proj", tensors=cnt,
              ms=round(timings["rollout_linear_aqn_qkv_all_layers_ms"], 1))
 

@@ -39,6 +39,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import aqn_rs  # noqa: E402
 from aqn_rs import export as E  # noqa: E402
+from aqn_rs.cli import export as export_cli  # noqa: E402
 
 PRESET = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
 # Weight-sized magnitudes that differ by powers of two between layers, so the members of a
@@ -506,12 +507,12 @@ def test_cli(tmp_path, capsys):
     src = tmp_path / "src"
     tiny_model().save_pretrained(str(src))
     ap = argparse.ArgumentParser(prog="aqn-rs")
-    E.add_cli(ap.add_subparsers(dest="cmd", required=True))
+    export_cli.add_cli(ap.add_subparsers(dest="cmd", required=True))
     args = ap.parse_args(["export", str(src), str(tmp_path / "out"), "--format", "mxfp4", "--scale-mode", "rceil",
                           "--exclude", "lm_head", "embed_tokens", "*.down_proj"])
-    assert E.run_cli(args) == 0
+    assert export_cli.run_cli(args) == 0
     assert "12 Linear weights packed" in capsys.readouterr().out
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "mxfp4-pack-quantized" and "model.layers.0.mlp.down_proj" in qc["ignore"]
-    assert E.run_cli(args) == 2  # exists
+    assert export_cli.run_cli(args) == 2  # exists
     assert "already exists" in capsys.readouterr().err

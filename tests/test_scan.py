@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from aqn_rs import reference as ref  # noqa: E402
 from aqn_rs import scan as S  # noqa: E402
+from aqn_rs.cli import scan as scan_cli  # noqa: E402
 from aqn_rs.export import fused_weight_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,12 +293,12 @@ def test_plan_command_line_and_compare(ckpt, tmp_path, capsys):
     """The plan's exact flags; then --compare with a scan of a perturbed checkpoint, in both
     forms (with --model, and two JSON files)."""
     a = tmp_path / "a.json"
-    assert S.plan_main(["--model_path", str(ckpt), "--quant_type", "mxfp4", "--output", str(a), "--quiet"]) == 0
+    assert scan_cli.plan_main(["--model_path", str(ckpt), "--quant_type", "mxfp4", "--output", str(a), "--quiet"]) == 0
     ra = S.load_results(a)
     assert list(ra["settings"]["formats"]) == ["mxfp4-floor"]
     other = _write_llama(tmp_path / "other", seed=0, perturb=0.3)
     b = tmp_path / "b.json"
-    assert S.plan_main(["--model_path", str(other), "--quant_type", "mxfp4", "--output", str(b),
+    assert scan_cli.plan_main(["--model_path", str(other), "--quant_type", "mxfp4", "--output", str(b),
                         "--compare", str(a), "--quiet"]) == 0
     rb = S.load_results(b)
     comp = rb["compare"]["formats"]["mxfp4-floor"]
@@ -313,11 +314,11 @@ def test_plan_command_line_and_compare(ckpt, tmp_path, capsys):
     import argparse
 
     ap = argparse.ArgumentParser()
-    S.add_cli(ap.add_subparsers(dest="cmd"))
+    scan_cli.add_cli(ap.add_subparsers(dest="cmd"))
     c = tmp_path / "c.json"
     args = ap.parse_args(["scan", "--compare", str(b), str(a), "--output", str(c), "--plot", str(tmp_path / "c.png")])
     capsys.readouterr()
-    assert S.run_cli(args) == 0
+    assert scan_cli.run_cli(args) == 0
     out = capsys.readouterr().out
     assert "compared with" in out
     assert S.load_results(c)["compare"]["formats"]["mxfp4-floor"]["totals"] == t
@@ -396,16 +397,16 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(S.ScanError, match="scale mode"):
         S.format_specs("mxfp4", "round")
     # on the command line: one line on stderr, exit 2 (argparse's own for bad choices)
-    assert S.plan_main(["--model_path", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert scan_cli.plan_main(["--model_path", str(tmp_path / "nope"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        S.plan_main(["--model_path", "x", "--quant_type", "int4"])
+        scan_cli.plan_main(["--model_path", "x", "--quant_type", "int4"])
     assert e.value.code == 2
     assert "invalid choice: 'int4'" in capsys.readouterr().err
-    assert S.plan_main(["--quiet"]) == 2
+    assert scan_cli.plan_main(["--quiet"]) == 2
     assert "pass --model PATH" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert S.plan_main(["--model_path", str(tmp_path), "--device", "cuda", "--quiet"]) == 2
+        assert scan_cli.plan_main(["--model_path", str(tmp_path), "--device", "cuda", "--quiet"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
 
 

@@ -7,7 +7,10 @@
 * `local`: the single-machine engine (TRL's GRPOTrainer) with the package's hooks and AQN.
 * `outputs`: `runs/<name>/{config.yaml,metrics.jsonl,summary.json,curves.png}`, the collapse
   verdict, `compare` and `sweep` tables.
-* `cli`: the `aqn-rs run | sweep | compare` subcommands.
+* `local_launch`: a local run's checks, resolved config and launch (`prepare`, `execute`).
+* `verl_engine`: the same runs on verl (Ray, FSDP, vLLM) with the aqn_rs plugin.
+* `cli`: `python -m aqn_rs.experiments.cli`, the old path of `aqn-rs run | sweep | compare`
+  (the command line itself is aqn_rs.cli.run, on the floor above this package).
 
 Everything heavy (torch, transformers, trl, peft) is imported inside the functions that need it.
 """

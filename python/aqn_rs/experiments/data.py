@@ -195,17 +195,29 @@ def load_data(path: Optional[str], train_size: Optional[int] = None, eval_size: 
         total = sum(w for _, w in m)
         levels = ", ".join(f"{k} {100 * w / total:.0f}%" for k, w in m)
         return train, test, f"builtin arithmetic word problems (levels {levels})"
+    return read_gsm8k(path, eval_size)
+
+
+def read_gsm8k(path: str, eval_size: Optional[int] = None
+               ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], str]:
+    """(train, validation, description) of GSM8K-format data: a folder with train.jsonl and
+    test.jsonl, or one jsonl file whose last tenth validates. `eval_size` caps the validation
+    records (the first of test.jsonl, or at most that many of a file's last tenth); None keeps
+    every one (the verl engine validates on the whole split)."""
     p = pathlib.Path(path)
     if p.is_dir():
         tr, te = p / "train.jsonl", p / "test.jsonl"
         if not tr.is_file() or not te.is_file():
             raise ExperimentError(f"data folder {p} needs train.jsonl and test.jsonl (GSM8K layout)")
         train, test = read_jsonl(tr), read_jsonl(te)
+        if eval_size is None:
+            return train, test, f"{p} (train.jsonl {len(train)}, test.jsonl {len(test)})"
         return train, test[:eval_size], f"{p} (train.jsonl {len(train)}, test.jsonl first {min(eval_size, len(test))})"
     if not p.exists():
         raise ExperimentError(f"data path {p} does not exist")
     recs = read_jsonl(p)
-    n_eval = max(1, min(eval_size, len(recs) // 10))
+    tenth = len(recs) // 10
+    n_eval = max(1, tenth if eval_size is None else min(eval_size, tenth))
     if len(recs) - n_eval < 1:
         raise ExperimentError(f"data file {p} has too few records ({len(recs)}) to split into train and validation")
     return recs[:-n_eval], recs[-n_eval:], f"{p} ({len(recs) - n_eval} train, last {n_eval} validate)"

@@ -3,11 +3,11 @@ and the verl engine's commands (so neither imports the other's CLI for it)."""
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, List, Optional
 
 from .errors import ExperimentError
 
-__all__ = ["parse_sigmas", "visible_gpus"]
+__all__ = ["parse_gpus", "parse_sigmas", "visible_gpus"]
 
 
 def visible_gpus() -> int:
@@ -17,6 +17,17 @@ def visible_gpus() -> int:
     except ImportError:
         return 0
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse_gpus(text: Any) -> Optional[int]:
+    """`--gpus N|auto`: the number as given (each engine checks its own range), or None for
+    `auto` and for the option left unset."""
+    if text in (None, "auto"):
+        return None
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ExperimentError(f"--gpus must be a number or auto, got {text!r}") from None
 
 
 def parse_sigmas(text: str) -> List[float]:

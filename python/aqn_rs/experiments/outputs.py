@@ -148,6 +148,14 @@ def summarize(cfg: Dict[str, Any], records: Sequence[Dict[str, Any]], extra: Opt
     return s
 
 
+def summary_line(cfg: Dict[str, Any], s: Dict[str, Any]) -> str:
+    """The one line `aqn-rs run` prints when a run is done: strict accuracy before and after,
+    the collapse verdict, where the files are."""
+    return (f"{cfg['name']}: strict {100 * (s.get('val_strict_initial') or 0):.1f}% -> "
+            f"{100 * (s.get('val_strict_final') or 0):.1f}%, collapse verdict {s.get('collapse', {}).get('verdict')}; "
+            f"files in {cfg['run']['output']}")
+
+
 def write_summary(run_dir: pathlib.Path, summary: Dict[str, Any]) -> None:
     (pathlib.Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 

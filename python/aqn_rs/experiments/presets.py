@@ -269,3 +269,19 @@ def describe(cfg: Dict[str, Any]) -> Tuple[str, str]:
         if n.get("relative"):
             ns += ", relative"
     return qs, ns
+
+
+def sigma_ratio(cfg: Dict[str, Any], preset: str) -> float:
+    """What every point of a sweep over sigma_start keeps: the preset's sigma_end / sigma_start
+    (1 where it starts at 0). A preset without an AQN block has nothing to sweep."""
+    n = cfg["noise_injection"]
+    if not n.get("enabled"):
+        raise ExperimentError(f"preset {preset} has no AQN block (noise_injection.enabled is false): nothing to sweep")
+    return float(n["sigma_end"]) / float(n["sigma_start"]) if n["sigma_start"] else 1.0
+
+
+def sweep_point(name: str, sigma: float, ratio: float) -> Tuple[str, List[str]]:
+    """One point of a sigma sweep: its run name and the overrides that set sigma_start to
+    `sigma` and sigma_end to `sigma * ratio` (see `sigma_ratio`)."""
+    return (f"{name}-sigma{sigma:g}",
+            [f"noise_injection.sigma_start={sigma!r}", f"noise_injection.sigma_end={sigma * ratio!r}"])

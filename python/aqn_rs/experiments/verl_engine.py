@@ -19,7 +19,7 @@ vLLM rollout) with the aqn_rs plugin (`aqn_rs.integrations.verl`), from one comm
   logger), metrics.jsonl, summary.json, curves.png, checkpoints/}`; metrics.jsonl and
   summary.json have the local engine's keys, so `aqn-rs compare` reads verl runs too.
 
-`aqn_rs.experiments.cli` dispatches `--engine verl` here (`run_cli(args)`).
+`aqn-rs run | sweep` (aqn_rs.cli.run) dispatches `--engine verl` here (`run_cli(args)`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..integrations.verl import parse_config
 from . import outputs
-from .data import BUILTIN, SYSTEM_PROMPT, load_data, parse_mix, prompt_messages, read_jsonl
-from .env import parse_sigmas, visible_gpus
+from .data import BUILTIN, SYSTEM_PROMPT, load_data, parse_mix, prompt_messages, read_gsm8k
+from .env import parse_gpus, parse_sigmas, visible_gpus
 from .errors import ExperimentError
 from .reward import GSM8K_SUFFIX, ground_truth
 
@@ -138,20 +138,7 @@ def read_records(data: Optional[str], mix: Any = None) -> Tuple[List[Dict[str, A
             raise ExperimentError(f"cannot load {HUB_DATASET} from the Hub ({type(e).__name__}); pass --data "
                                   "with a folder holding train.jsonl and test.jsonl") from None
         return list(ds["train"]), list(ds["test"]), f"{HUB_DATASET} (Hugging Face Hub)"
-    p = pathlib.Path(data)
-    if p.is_dir():
-        tr, te = p / "train.jsonl", p / "test.jsonl"
-        if not tr.is_file() or not te.is_file():
-            raise ExperimentError(f"data folder {p} needs train.jsonl and test.jsonl (GSM8K layout)")
-        train, test = read_jsonl(tr), read_jsonl(te)
-        return train, test, f"{p} (train.jsonl {len(train)}, test.jsonl {len(test)})"
-    if not p.exists():
-        raise ExperimentError(f"data path {p} does not exist")
-    recs = read_jsonl(p)
-    n_eval = max(1, len(recs) // 10)
-    if len(recs) - n_eval < 1:
-        raise ExperimentError(f"data file {p} has too few records ({len(recs)}) to split into train and validation")
-    return recs[:-n_eval], recs[-n_eval:], f"{p} ({len(recs) - n_eval} train, last {n_eval} validate)"
+    return read_gsm8k(data)
 
 
 def write_parquet(rows: Sequence[Dict[str, Any]], path: pathlib.Path) -> None:
@@ -426,16 +413,13 @@ def worker_env() -> Dict[str, str]:
 
 def _gpus(text: Any, dry_run: bool) -> Tuple[int, str]:
     present = visible_gpus()
-    if text in (None, "auto"):
+    n = parse_gpus(text)
+    if n is None:
         if present:
             return present, f"{present} GPU(s) (all visible)"
         if dry_run:
             return PLAN_GPUS, f"{PLAN_GPUS} GPUs (the plan's; none visible here)"
         raise ExperimentError("the verl engine needs GPUs (none visible); use --engine local for a CPU run")
-    try:
-        n = int(text)
-    except (TypeError, ValueError):
-        raise ExperimentError(f"--gpus must be a number or auto, got {text!r}") from None
     if n < 1:
         raise ExperimentError(f"the verl engine needs --gpus >= 1, got {n} (use --engine local for a CPU run)")
     if not dry_run and n > present:
@@ -517,20 +501,15 @@ def run_cli(args: Any) -> int:
         if args.dry_run:
             return 0
         s = execute(cfg, args.data)
-        print(f"{cfg['name']}: strict {100 * (s.get('val_strict_initial') or 0):.1f}% -> "
-              f"{100 * (s.get('val_strict_final') or 0):.1f}%, collapse verdict {s.get('collapse', {}).get('verdict')}; "
-              f"files in {cfg['run']['output']}")
+        print(outputs.summary_line(cfg, s))
         return 0
     if cmd == "sweep":
         from . import presets  # yaml
 
         base = presets.load_preset(args.preset, args.overrides)
-        n = base["noise_injection"]
-        if not n.get("enabled"):
-            raise ExperimentError(f"preset {args.preset} has no AQN block (noise_injection.enabled is false): nothing to sweep")
-        ratio = float(n["sigma_end"]) / float(n["sigma_start"]) if n["sigma_start"] else 1.0
-        cfgs = [plan_run(args, [f"noise_injection.sigma_start={s!r}", f"noise_injection.sigma_end={s * ratio!r}"],
-                         f"{args.name or base['name']}-sigma{s:g}") for s in parse_sigmas(args.sigma)]
+        ratio = presets.sigma_ratio(base, args.preset)
+        points = [presets.sweep_point(args.name or base["name"], s, ratio) for s in parse_sigmas(args.sigma)]
+        cfgs = [plan_run(args, ov, name) for name, ov in points]
         for c in cfgs:
             print(describe(c), flush=True)
         if args.dry_run:

@@ -39,8 +39,9 @@ The package, one concern a module (each imports only the ones above it):
 * `plan`: which tensors are packed or copied, their shards, and `ExportReport`.
 * `packed`: `iter_packed` (packing in memory for weight sync) and `linear_module_names`.
 * `load`: `load_compressed_checkpoint` and `dequantize_checkpoint`.
-* this `__init__`: `export_checkpoint` and `aqn-rs export`. Every name is importable from
-  `aqn_rs.export` as it was when the export was one module.
+* this `__init__`: `export_checkpoint`. Every name is importable from `aqn_rs.export` as it
+  was when the export was one module, but for its command line: `aqn-rs export` is
+  `aqn_rs.cli.export`, on the floor above the packages it runs.
 """
 
 
@@ -50,7 +51,6 @@ from __future__ import annotations
 # `aqn_rs.export.x` still works: the shared constants and the dtype tables, which
 # tests/test_constants.py checks are the constants module's. fused_weight_groups lives with
 # the selection rules; `aqn_rs.export.fused_weight_groups` stays.
-import argparse
 import json
 import os
 import shutil
@@ -307,53 +307,6 @@ def _copy_other_files(src: Path, dst: Path) -> None:
             shutil.copy2(Path(root) / fname, dst / rel)
 
 
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Add the `export` subcommand to an `argparse` subparsers object; `run_cli` runs it."""
-    p = subparsers.add_parser(
-        "export",
-        help="write a packed FP4 checkpoint (compressed-tensors format) that vLLM loads",
-        description=(
-            "Pack the Linear weights of a safetensors checkpoint folder into NVFP4 or MXFP4 "
-            "(compressed-tensors nvfp4-pack-quantized / mxfp4-pack-quantized), copy the rest "
-            "(bf16 by default) and the tokenizer, and write config.json's quantization_config. "
-            "Serve the result with `vllm serve OUT_DIR`."
-        ),
-    )
-    p.add_argument("model", help="checkpoint folder (config.json + *.safetensors)")
-    p.add_argument("out_dir", help="folder to create")
-    p.add_argument("--format", choices=FORMATS, default="nvfp4")
-    p.add_argument("--scale-mode", choices=SCALE_MODES, default=None, help="MXFP4 scale mode (default floor)")
-    p.add_argument("--exclude", nargs="*", default=list(DEFAULT_EXCLUDE), metavar="PATTERN",
-                   help="modules kept dense: names, globs, re:regex (default: lm_head embed_tokens)")
-    p.add_argument("--include", nargs="*", default=None, metavar="PATTERN",
-                   help="pack only Linear modules matching these patterns")
-    p.add_argument("--max-shard-size", default="5GB", help="bytes per shard, e.g. 5GB, 500MB (default 5GB)")
-    p.add_argument("--dtype", choices=sorted(_DTYPE_NAMES) + ["keep"], default="bfloat16",
-                   help="dtype of unpacked tensors and of weights before quantization (default bfloat16)")
-    p.add_argument("--no-fuse-global-scales", action="store_true",
-                   help="NVFP4: one global scale per tensor even for q/k/v and gate/up (vLLM needs them fused)")
-    p.add_argument("--device", default=None, help="quantize on this device, e.g. cuda (default cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
-    return p
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run `aqn-rs export` from parsed arguments; returns the exit status."""
-    try:
-        report = _export(
-            args.model, args.out_dir, args.format, args.scale_mode, args.exclude, args.include,
-            args.max_shard_size, args.overwrite, None, args.dtype, not args.no_fuse_global_scales,
-            args.device,
-        )
-    except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"aqn-rs export: error: {e}", file=sys.stderr)
-        return 2
-    print(report.format_summary())
-    return 0
-
-
-
 __all__ = [
     "CT_FORMATS",
     "CT_VERSION",
@@ -361,7 +314,6 @@ __all__ = [
     "FORMATS",
     "FUSED_GROUPS",
     "ExportReport",
-    "add_cli",
     "dequantize_checkpoint",
     "export_checkpoint",
     "fused_weight_groups",
@@ -370,5 +322,4 @@ __all__ = [
     "load_compressed_checkpoint",
     "parse_size",
     "quantization_config",
-    "run_cli",
 ]

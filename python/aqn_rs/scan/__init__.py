@@ -38,9 +38,10 @@ The package, one concern a module (each imports only the ones above it):
 * `calibration`: the per-layer output error on calibration data and the NLL change.
 * `report`: summary, comparison, JSON, terminal report and plot of the results.
 * `driver`: `scan`, the loop over the layers.
-* `cli`: `aqn-rs scan` and scripts/srdd_quant_scanner.py.
 
-Every name is importable from `aqn_rs.scan` as it was when the scanner was one module.
+Every name is importable from `aqn_rs.scan` as it was when the scanner was one module, but for
+its command line: `aqn-rs scan` and scripts/srdd_quant_scanner.py are `aqn_rs.cli.scan`, on the
+floor above the packages it runs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ from ..constants import DEFAULT_EXCLUDE
 from ..constants import SCALE_MODES as SCALE_MODES
 from ..errors import ScanError
 from .calibration import calibration_texts, run_calibration
-from .cli import add_cli, plan_main, run_cli
 from .driver import scan
 from .layers import layer_index, proj_type
 from .metrics import DTYPES as DTYPES
@@ -81,9 +81,9 @@ from .source import ModelSource, resolve_model
 
 __all__ = [
     "DEFAULT_EXCLUDE", "FormatSpec", "ModelSource", "QUANT_TYPES", "SCHEMA", "SCHEMA_VERSION",
-    "SafetensorsReader", "ScanError", "add_cli", "calibration_texts", "compare_scans", "format_report",
+    "SafetensorsReader", "ScanError", "calibration_texts", "compare_scans", "format_report",
     "format_specs", "gain_curves", "gain_ladder", "layer_index", "load_results", "metrics_from_raw",
-    "plan_main", "plot_results", "proj_type", "resolve_model", "run_calibration", "run_cli",
+    "plot_results", "proj_type", "resolve_model", "run_calibration",
     "rust_raw_stats", "scan", "summarize", "tensor_metrics", "tensor_raw_stats", "torch_raw_stats", "write_results",
 ]
 

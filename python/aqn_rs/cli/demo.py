@@ -1,29 +1,14 @@
-"""The `aqn-rs` command line.
-
-Subcommands:
-    demo   quantize realistic weight-like tensors with every format and scale mode and print
-           the measured error table and CPU/GPU throughput (the main job until the training
-           runs land).
-    info   print what this build contains (version, CUDA kernels, archs, threads).
-    export write a compressed-tensors NVFP4/MXFP4 checkpoint that vLLM loads.
-    scan   SRDD: layer-wise diagnosis of quantization damage in a checkpoint (JSON, PNG).
-    run    one of the research plan's runs (a preset) on the local engine (TRL GRPO) or verl.
-    sweep  the same preset over several sigma_start values, into one table.
-    compare the results table (markdown + PNG) of several runs.
-"""
+"""`aqn-rs demo`: every quantizer's measured error and time on weight-like tensors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from typing import List, Optional
+from typing import Callable, NoReturn
 
-from . import scan as scan_cmd
-from .constants import SCALE_MODES
-from .experiments import cli as experiments_cli
-from .quantizers import Mxfp4Quantizer, Nvfp4Quantizer, build_info
+from ..constants import SCALE_MODES
+from ..quantizers import Mxfp4Quantizer, Nvfp4Quantizer, build_info
 
 
 def _distributions(rows: int, cols: int, seed: int):
@@ -95,50 +80,24 @@ def demo(rows: int = 2048, cols: int = 4096, seed: int = 0, device: str = "cpu",
     return results
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="aqn-rs", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="measured error table and throughput of every quantizer")
+def add_cli(subparsers) -> None:
+    """Add the `demo` subcommand to an argparse subparsers object; `run_cli` runs it."""
+    d = subparsers.add_parser("demo", help="measured error table and throughput of every quantizer")
     d.add_argument("--rows", type=int, default=2048)
     d.add_argument("--cols", type=int, default=4096)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sub.add_parser("info", help="what this build contains")
-    try:  # export imports torch at module level; torch is an optional dependency
-        from . import export
-    except ModuleNotFoundError as e:
-        if e.name != "torch":
-            raise
-        export = None
-        sub.add_parser("export", help="write a packed FP4 checkpoint (needs torch)").add_argument("rest", nargs="*")
-    if export is not None:
-        export.add_cli(sub)
-    scan_cmd.add_cli(sub)
-    experiments_cli.add_cli(sub)
-    args = ap.parse_args(argv)
 
-    if args.cmd == "export":
-        if export is None:
-            print("aqn-rs: error: export needs torch: pip install torch", file=sys.stderr)
-            return 2
-        return export.run_cli(args)
-    if args.cmd == "scan":
-        return scan_cmd.run_cli(args)
-    if args.cmd in experiments_cli.COMMANDS:
-        return experiments_cli.run_cli(args)
-    if args.cmd == "info":
-        print(json.dumps(build_info(), indent=2))
-        return 0
-    if args.cmd == "demo":
-        if args.rows <= 0 or args.cols <= 0:
-            ap.error("--rows and --cols must be positive")
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            print("aqn-rs demo needs torch: pip install torch", file=sys.stderr)
-            return 2
-        demo(args.rows, args.cols, args.seed, args.device, args.json)
-        return 0
-    return 1
+
+def run_cli(args, error: Callable[[str], NoReturn]) -> int:
+    """Run a parsed `demo` command; `error` is the parser's (a usage error exits with status 2)."""
+    if args.rows <= 0 or args.cols <= 0:
+        error("--rows and --cols must be positive")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("aqn-rs demo needs torch: pip install torch", file=sys.stderr)
+        return 2
+    demo(args.rows, args.cols, args.seed, args.device, args.json)
+    return 0

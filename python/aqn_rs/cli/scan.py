@@ -9,9 +9,16 @@ from typing import Optional, Sequence
 
 from ..constants import DEFAULT_EXCLUDE, SCALE_MODES
 from ..errors import ScanError
-from .driver import scan
-from .metrics import DTYPES, QUANT_TYPES
-from .report import compare_scans, format_report, load_results, plot_results, write_results
+from ..scan import (
+    DTYPES,
+    QUANT_TYPES,
+    compare_scans,
+    format_report,
+    load_results,
+    plot_results,
+    scan,
+    write_results,
+)
 
 
 def _add_arguments(p: argparse.ArgumentParser, plan_style: bool = False) -> None:
