@@ -68,14 +68,14 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from .._aqn_rs import SigmaScheduler
-from ..aqn import AqnNoise, _channel_rms, gaussian_noise
-from ..constants import APPLY_TO, SCALE_MODES, STE_MODES, TRAIN_FORMATS, VLLM_FUSED
-from ..constants import DEFAULT_EXCLUDE as _DEFAULT_EXCLUDE
-from ..errors import VerlPluginError
-from ..quantizers import Mxfp4Quantizer, Nvfp4Quantizer
-from ..selection import ModuleSelector, canonical_name, class_name_of, is_adapter, normalize_name, vllm_alias
-from . import verl_probe
+from ..._aqn_rs import SigmaScheduler
+from ...aqn import AqnNoise, _channel_rms, gaussian_noise
+from ...constants import APPLY_TO, SCALE_MODES, STE_MODES, TRAIN_FORMATS, VLLM_FUSED
+from ...constants import DEFAULT_EXCLUDE as _DEFAULT_EXCLUDE
+from ...errors import VerlPluginError
+from ...quantizers import Mxfp4Quantizer, Nvfp4Quantizer
+from ...selection import ModuleSelector, canonical_name, class_name_of, is_adapter, normalize_name, vllm_alias
+from .. import verl_probe
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ class ActorState:
     def __init__(self, model: Any, cfg: PluginConfig, param_dtype: Any = None) -> None:
         import torch
 
-        from ..hooks import attach_noise, quantize_model
+        from ...hooks import attach_noise, quantize_model
 
         self.cfg = cfg
         self.param_dtype = param_dtype if param_dtype is not None else torch.bfloat16
@@ -416,7 +416,7 @@ class ActorState:
                                          cache=False, fuse_global_scales=q["fuse_global_scales"])
             self.quant_modules = [normalize_name(n) for n in self.handle.modules]
             if q["fuse_global_scales"] and q["format"] == "nvfp4":
-                from ..export import fused_weight_groups
+                from ...export import fused_weight_groups
 
                 for g in fused_weight_groups(self.quant_modules):
                     self.groups.update({m: tuple(g) for m in g})
@@ -460,7 +460,7 @@ class ActorState:
 def _group_amax_objects(handle: Any) -> List[Any]:
     """The `_GroupAmax` caches that `quantize_model` closed over in the wrapped forwards
     (a few closures deep: forward -> effective_weight -> weight_q -> group)."""
-    from .. import hooks
+    from ... import hooks
 
     found: Dict[int, Any] = {}
 
@@ -1546,24 +1546,3 @@ def _install() -> None:
 
 _install()
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m aqn_rs.integrations.verl [--check]`: report the patch points of the installed verl."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m aqn_rs.integrations.verl", description=main.__doc__)
-    ap.add_argument("--check", action="store_true", help="check the installed verl's patch points (default)")
-    ap.parse_args(argv)
-    try:
-        problems = check_patch_points()
-    except VerlPluginError as e:
-        print(f"aqn_rs.integrations.verl: error: {e}", file=sys.stderr)
-        return 2
-    print(f"verl {_verl_version()}: {len(PATCH_POINTS)} patch points, {len(problems)} problem(s)")
-    for p in problems:
-        print(f"  {p}")
-    return 1 if problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
