@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from . import PATCH_POINTS, VerlPluginError, _verl_version, check_patch_points
+from ...errors import VerlPluginError
+from .patches import PATCH_POINTS, _verl_version, check_patch_points
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
