@@ -64,9 +64,11 @@ The package, one concern a module (each imports only the ones listed above it):
   the module concerned; `patched_points`.
 * `__main__`: `python -m aqn_rs.integrations.verl [--check]`.
 
-Every name the single module `verl.py` had is importable from `aqn_rs.integrations.verl` as
-before, except the state that is rebound at run time, which has one owner to read and set it
-in: `trainer._TRAINER`, `patches._ACTOR_PENDING`, `sync._STATS_BATCH_BYTES`.
+What code outside the package used from the single module `verl.py` (`__all__`, the public
+names it defined, the private helpers the tests and scripts call) is importable from here as
+before; `main` moved to `__main__`. The state rebound at run time is not: it has one owner to
+read and set it in (`trainer._TRAINER`, `patches._ACTOR_PENDING`, `sync._STATS_BATCH_BYTES`),
+and a copy here would go stale.
 """
 
 from __future__ import annotations
