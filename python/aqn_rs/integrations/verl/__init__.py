@@ -138,6 +138,8 @@ __all__ = [
 
 # Module state rebound at run time, by the module that owns it. A copy here would go stale
 # (and setting one here would change nothing), so these names say where to find them instead.
+# (A ModuleType subclass could forward them both ways, but Ray's cloudpickle pickles a module by
+# reference only when it is a plain module, and Ray closures capture this one.)
 _STATE = {"_TRAINER": "trainer", "_ACTOR_PENDING": "patches", "_STATS_BATCH_BYTES": "sync"}
 
 
