@@ -35,6 +35,7 @@ import torch
 import aqn_rs
 from aqn_rs.export import fused_weight_groups
 from aqn_rs.integrations import verl as plugin
+from aqn_rs.integrations.verl import sync as plugin_sync
 
 SHAPES = {  # name: (layers, hidden, intermediate, heads, kv_heads, head_dim)
     "qwen2.5-1.5b": (28, 1536, 8960, 12, 2, 128),
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
     # batches of the plugin's size (a subtraction and two norms: five passes over the bytes)
     # and the one-read kernel (`_cuda.sq_err_many`, CUDA only).
     qs = [q.fake_quant(t) for t in weights]
-    batch = plugin._STATS_BATCH_BYTES
+    batch = plugin_sync._STATS_BATCH_BYTES  # the module that reads it owns it
 
     def stats_foreach():
         i = 0

@@ -60,6 +60,7 @@ except ImportError:  # an installed wheel older than the plugin: its Python from
     aqn_rs.__path__.append(os.path.join(_SRC, "aqn_rs"))
 from aqn_rs.aqn import gaussian_noise  # noqa: E402
 from aqn_rs.integrations import verl as plugin  # noqa: E402
+from aqn_rs.integrations.verl import patches as plugin_patches  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -165,13 +166,14 @@ class VerlEngine:
                            use_remove_padding=False, enable_gradient_checkpointing=True, external_lib=plugin.PLUGIN)
         ec = FSDPEngineConfig(strategy="fsdp2", forward_only=False)
         oc = FSDPOptimizerConfig(lr=1e-4, total_training_steps=TOTAL)
-        plugin._ACTOR_PENDING = cfg  # what ActorRolloutRefWorker.init_model sets
+        # what ActorRolloutRefWorker.init_model sets (the state lives in the patches module)
+        plugin_patches._ACTOR_PENDING = cfg
         try:
             self.engine = FSDPEngineWithLMHead(model_config=mc, engine_config=ec, optimizer_config=oc,
                                                checkpoint_config=CheckpointConfig())
             self.engine.initialize()
         finally:
-            plugin._ACTOR_PENDING = None
+            plugin_patches._ACTOR_PENDING = None
         self.engine.to(device=str(device.type), model=True, optimizer=True, grad=True)
         self.module = self.engine.module
         self.state = self.engine._aqn_rs_actor

@@ -24,6 +24,12 @@ from torch import nn  # noqa: E402
 import aqn_rs  # noqa: E402
 from aqn_rs.aqn import AqnNoise, gaussian_noise  # noqa: E402
 from aqn_rs.integrations import verl as plugin  # noqa: E402
+from aqn_rs.integrations.verl import patches as plugin_patches  # noqa: E402
+from aqn_rs.integrations.verl import sync as plugin_sync  # noqa: E402
+from aqn_rs.integrations.verl import trainer as plugin_trainer  # noqa: E402
+
+# plugin_sync, plugin_trainer, plugin_patches: the submodules that own the module state the tests
+# set and the helpers they replace; a name is patched in the module that reads it.
 
 
 def _verl_importable() -> bool:
@@ -298,7 +304,7 @@ def test_sync_error_statistics_equal_a_float64_reference(fmt, batch_bytes, monke
     where the dtype changes) == the same quantities in float64 from the synced weights: per
     tensor ||w - q|| / ||w||, their max, the total and the SQNR; a batch of one tensor (1 byte)
     and one batch for the whole stream agree."""
-    monkeypatch.setattr(plugin, "_STATS_BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(plugin_sync, "_STATS_BATCH_BYTES", batch_bytes)
     model = hf_model(torch.float32)
     state = clean_state(model)
     # half the layers stream in bf16 and half in f32, and no param_dtype cast: batches must
@@ -597,7 +603,7 @@ def test_init_model_and_build_fsdp_module_install_hooks_on_the_actor_only():
     assert len(st.quant_modules) == 7 * LAYERS and st.noise is not None and st.param_dtype == torch.bfloat16
     assert "forward" in actor_model.model.layers[0].self_attn.q_proj.__dict__
     assert "forward" not in ref_model.model.layers[0].self_attn.q_proj.__dict__
-    assert plugin._ACTOR_PENDING is None
+    assert plugin_patches._ACTOR_PENDING is None
 
 
 def test_actor_noise_under_fsdp1_needs_orig_params():
@@ -697,13 +703,13 @@ def test_manager_update_weights_applies_step_noise_then_validation_is_clean(monk
     clean = clean_state(vm)
     worker = FakeWorker(vm)
     rec = _Recorder([worker])
-    monkeypatch.setattr(plugin, "_rpc_sync", rec)
-    monkeypatch.setattr(plugin, "_clear_prefix_cache_sync", lambda replicas: rec.calls.append(("clear_kv_cache", {})))
-    monkeypatch.setattr(plugin, "_TRAINER", _trainer_state())
+    monkeypatch.setattr(plugin_trainer, "_rpc_sync", rec)
+    monkeypatch.setattr(plugin_trainer, "_clear_prefix_cache_sync", lambda replicas: rec.calls.append(("clear_kv_cache", {})))
+    monkeypatch.setattr(plugin_trainer, "_TRAINER", _trainer_state())
     manager = types.SimpleNamespace(replicas=["replica0"])
     update = plugin._wrap_manager_update_weights(lambda self, global_steps=None: {"synced": global_steps})
     assert update(manager, 50) == {"synced": 50}
-    assert rec.calls[-1] == ("aqn_rs_apply", {"step": 50, "noise_injection": plugin._TRAINER.cfg.noise,
+    assert rec.calls[-1] == ("aqn_rs_apply", {"step": 50, "noise_injection": plugin_trainer._TRAINER.cfg.noise,
                                               "total_steps": T})
     noisy = clean_state(vm)
     assert not torch.equal(noisy["model.norm.weight"], clean["model.norm.weight"])
@@ -736,8 +742,8 @@ def test_manager_wrapper_keeps_verl_auto_await_semantics(monkeypatch):
     async def fake_rpc(replicas, method, kwargs):
         calls.append((method, kwargs["step"]))
 
-    monkeypatch.setattr(plugin, "_rpc_async", fake_rpc)
-    monkeypatch.setattr(plugin, "_TRAINER", _trainer_state())
+    monkeypatch.setattr(plugin_trainer, "_rpc_async", fake_rpc)
+    monkeypatch.setattr(plugin_trainer, "_TRAINER", _trainer_state())
 
     async def inner(self, global_steps=None):
         return {"step": global_steps}
@@ -756,14 +762,14 @@ def test_manager_wrapper_keeps_verl_auto_await_semantics(monkeypatch):
 
 
 def test_tracking_log_adds_aqn_and_quant_metrics(monkeypatch):
-    monkeypatch.setattr(plugin, "_TRAINER", _trainer_state(quant={"format": "mxfp4"}))
-    monkeypatch.setattr(plugin, "_read_stats", lambda: {"rel_error": 0.11, "max_rel_error": 0.2, "sqnr_db": 19.2,
+    monkeypatch.setattr(plugin_trainer, "_TRAINER", _trainer_state(quant={"format": "mxfp4"}))
+    monkeypatch.setattr(plugin_trainer, "_read_stats", lambda: {"rel_error": 0.11, "max_rel_error": 0.2, "sqnr_db": 19.2,
                                                         "tensors": 196.0, "fake_quant_s": 0.0125, "step": 3})
     got = []
     log = plugin._wrap_tracking_log(lambda self, data, step, backend=None: got.append((data, step)))
     log(None, {"training/global_step": 4, "actor/entropy": 0.5}, 4)
     data, step = got[-1]
-    sched = plugin._TRAINER.sched
+    sched = plugin_trainer._TRAINER.sched
     assert data["aqn/sigma"] == sched.sigma(3) and data["aqn/stage"] == sched.stage(3)
     assert data["quant/rel_error"] == 0.11 and data["quant/tensors"] == 196.0 and data["actor/entropy"] == 0.5
     assert data["quant/fake_quant_s"] == 0.0125
@@ -795,7 +801,7 @@ def test_trainer_setup_forwards_config_to_workers():
         plugin._trainer_setup(trainer)
         fwd = plugin._config_from_forwarded(conf.actor_rollout_ref.aqn_rs)
         assert fwd.total_steps == T and fwd.quantization["format"] == "nvfp4" and fwd.noise["num_stages"] == 10
-        assert plugin._TRAINER.cfg == fwd
+        assert plugin_trainer._TRAINER.cfg == fwd
         conf.actor_rollout_ref.rollout.name = "sglang"
         with pytest.raises(plugin.VerlPluginError, match="rollout.name=sglang"):
             plugin._trainer_setup(trainer)
@@ -805,7 +811,7 @@ def test_trainer_setup_forwards_config_to_workers():
         with pytest.raises(plugin.VerlPluginError, match=r"trainer\.noise_injection\.sigma_strat"):
             plugin._trainer_setup(trainer)
     finally:
-        plugin._TRAINER = None
+        plugin_trainer._TRAINER = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1010,8 +1016,8 @@ def test_sync_statistics_reach_the_trainer_through_rays_kv_store(monkeypatch):
     st.set_step(9)
     list(st.wrap_sync(iter(clean_state(model).items())))
     assert list(store) == [b"aqn_rs/quant_stats/0a000000"]
-    monkeypatch.setattr(plugin, "_TRAINER", _trainer_state(noise=None, quant={"format": "mxfp4"}))
-    m = plugin._TRAINER.metrics(10)
+    monkeypatch.setattr(plugin_trainer, "_TRAINER", _trainer_state(noise=None, quant={"format": "mxfp4"}))
+    m = plugin_trainer._TRAINER.metrics(10)
     assert m["quant/rel_error"] == pytest.approx(st.last_stats["rel_error"]) and m["quant/tensors"] == 7 * LAYERS
     assert "aqn/sigma" not in m
 
@@ -1212,13 +1218,13 @@ def test_verl_metrics_become_run_metrics():
 
 
 def test_missing_verl_or_old_verl_or_missing_patch_point_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(plugin, "_verl_version", lambda: None)
+    monkeypatch.setattr(plugin_patches, "_verl_version", lambda: None)
     with pytest.raises(plugin.VerlPluginError, match="verl is not installed"):
         plugin.check_patch_points()
-    monkeypatch.setattr(plugin, "_verl_version", lambda: "0.7.1")
+    monkeypatch.setattr(plugin_patches, "_verl_version", lambda: "0.7.1")
     with pytest.raises(plugin.VerlPluginError, match="verl 0.7.1 is older than 0.8.0"):
         plugin.check_patch_points()
-    monkeypatch.setattr(plugin, "_verl_version", lambda: "0.10.0")
+    monkeypatch.setattr(plugin_patches, "_verl_version", lambda: "0.10.0")
     point = next(p for p in plugin.PATCH_POINTS if p.attr == "get_per_tensor_param")
     stub = types.ModuleType(point.module)
     stub.FSDPEngine = type("FSDPEngine", (), {})  # a release where the method moved
@@ -1243,6 +1249,7 @@ sys.path.insert(0, TESTS)
 import torch, ray
 from aqn_rs.aqn import gaussian_noise
 from aqn_rs.integrations import verl as plugin
+from aqn_rs.integrations.verl import trainer as plugin_trainer
 from verl.checkpoint_engine.base import CheckpointEngineManager
 from verl.workers.config.rollout import CheckpointEngineConfig
 
@@ -1285,9 +1292,9 @@ servers = [Server.remote() for _ in range(2)]
 replicas = [types.SimpleNamespace(server_handle=s) for s in servers]
 mgr = CheckpointEngineManager(CheckpointEngineConfig(backend="naive"), ActorWG(), replicas)
 noise = {"enabled": True, "sigma_start": 0.05, "sigma_end": 0.0005, "num_stages": 10, "layer_types": ["rmsnorm"]}
-plugin._TRAINER = plugin.TrainerState(plugin.parse_config(None, noise, 174))
+plugin_trainer._TRAINER = plugin.TrainerState(plugin.parse_config(None, noise, 174))
 clean = ray.get(servers[0].norm.remote())
-sigma = plugin._TRAINER.sched.sigma
+sigma = plugin_trainer._TRAINER.sched.sigma
 
 
 def want(step):
@@ -1358,12 +1365,12 @@ def _probe_run(monkeypatch, tmp_path, fmt, steps=(1, 2)):
     noise = {**NOISE, "zero_first_stage": False}  # noise from step 0 on
     model = hf_model(torch.float32)
     actor = plugin.ActorState(model, cfg(quant, noise), torch.bfloat16)
-    monkeypatch.setattr(plugin, "_TRAINER", _trainer_state(noise, quant))
-    verl_probe.write_meta(plugin._TRAINER.cfg.forwarded())
+    monkeypatch.setattr(plugin_trainer, "_TRAINER", _trainer_state(noise, quant))
+    verl_probe.write_meta(plugin_trainer._TRAINER.cfg.forwarded())
     vm = worker = None
     methods = {"aqn_rs_apply": plugin._aqn_rs_apply, "aqn_rs_restore": plugin._aqn_rs_restore,
                "aqn_rs_probe": plugin._aqn_rs_probe}
-    monkeypatch.setattr(plugin, "_rpc_sync", lambda replicas, method, kwargs: methods[method](worker, **kwargs))
+    monkeypatch.setattr(plugin_trainer, "_rpc_sync", lambda replicas, method, kwargs: methods[method](worker, **kwargs))
     manager = types.SimpleNamespace(replicas=["replica0"])
     trainer = types.SimpleNamespace(checkpoint_manager=manager)
     g = torch.Generator().manual_seed(5)
