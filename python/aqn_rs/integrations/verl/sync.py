@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
+from ... import _cuda
 from ...errors import VerlPluginError
 from ...selection import normalize_name
 from .config import PLUGIN
@@ -64,14 +65,15 @@ def quant_sync(
     groups = dict(groups or {})
     pending: Dict[Tuple[str, ...], Dict[str, Tuple[str, Any]]] = {}
     seen: set = set()
-    errs: List[Any] = []  # ||w - q(w)|| per tensor (f32, on the tensors' device)
-    refs: List[Any] = []  # ||w|| per tensor
-    # The error norms are taken a batch of tensors at a time with torch's multi-tensor
-    # (`_foreach_*`) kernels: per tensor, casts to f32, a subtraction and two sums were ~10
-    # launches and ~90% of this function's time on a 1.5B model (docs/BENCHMARKS.md). `w - q`
-    # is exact in the weights' own dtype (q is w rounded to a coarser grid, so q/2 <= w <= 2q,
-    # or q == 0: Sterbenz), and the norms accumulate in f32. A batch holds at most
-    # _STATS_BATCH_BYTES of weights, which bounds the memory the statistics keep alive.
+    sums: List[Any] = []  # per batch, [tensors, 2] float64: sum (w - q(w))^2, sum w^2
+    # The error sums are taken a batch of tensors at a time: on CUDA by `_cuda.sq_err_many`
+    # (one read of w and of q(w) per tensor, f32 sums per CTA, one float64 fold per batch),
+    # elsewhere by torch's multi-tensor (`_foreach_*`) kernels (a subtraction and two norms).
+    # Per tensor, casts to f32, a subtraction and two sums were ~10 launches and ~90% of this
+    # function's time on a 1.5B model (docs/BENCHMARKS.md). `w - q` is exact in the weights'
+    # own dtype (q is w rounded to a coarser grid, so q/2 <= w <= 2q, or q == 0: Sterbenz), and
+    # the sums accumulate in f32. A batch holds at most _STATS_BATCH_BYTES of weights, which
+    # bounds the memory the statistics keep alive.
     batch_w: List[Any] = []
     batch_q: List[Any] = []
     batch_bytes = [0]
@@ -82,8 +84,12 @@ def quant_sync(
         if not batch_w:
             return
         with torch.no_grad():
-            errs.extend(torch._foreach_norm(torch._foreach_sub(batch_w, batch_q), 2, dtype=torch.float32))
-            refs.extend(torch._foreach_norm(batch_w, 2, dtype=torch.float32))
+            if batch_w[0].is_cuda and _cuda.available():  # a batch is of one device and dtype
+                sums.append(_cuda.sq_err_many(batch_w, batch_q))
+            else:
+                e = torch._foreach_norm(torch._foreach_sub(batch_w, batch_q), 2, dtype=torch.float32)
+                r = torch._foreach_norm(batch_w, 2, dtype=torch.float32)
+                sums.append(torch.stack([torch.stack(e), torch.stack(r)], 1).double().square())
         batch_w.clear()
         batch_q.clear()
         batch_bytes[0] = 0
@@ -148,10 +154,10 @@ def quant_sync(
         )
     t0 = time.perf_counter()
     stats_flush()
-    stats: Dict[str, float] = {"tensors": float(len(errs))}
-    if errs:
-        e = torch.stack([x.to(errs[0].device) for x in errs]).square()
-        r = torch.stack([x.to(errs[0].device) for x in refs]).square()
+    both = torch.cat([x.to(sums[0].device) for x in sums]) if sums else None
+    stats: Dict[str, float] = {"tensors": float(0 if both is None else len(both))}
+    if both is not None:
+        e, r = both[:, 0], both[:, 1]
         tot_e, tot_r = float(e.sum()), float(r.sum())
         per = (e / r.clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
         stats["rel_error"] = math.sqrt(tot_e / tot_r) if tot_r > 0 else 0.0
