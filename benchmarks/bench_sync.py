@@ -16,7 +16,10 @@ tensors and times, in one process, median of --reps:
   (`Nvfp4Quantizer.amax_many`: one call per group); `(torch amax)`: the same with the amax
   from torch's `abs().amax()` per member, a stack and a max, as the plugin did before;
 - `quant_sync`: the plugin's whole function on the stream (casts, groups, error sums, the
-  final host read of the statistics).
+  final host read of the statistics);
+- `error sums (foreach)` / `(sq_err_many)`: the statistics alone on (w, q(w)) pairs made
+  beforehand: torch's multi-tensor subtraction and norms in the plugin's batches (its CPU
+  path) and the one-read kernel the plugin uses on CUDA.
 
 With --profile, a torch-profiler table of one `quant_sync` pass (host time per op, kernel
 launches) follows. Usage (GPU): python benchmarks/bench_sync.py [--format nvfp4] [--reps 20]
