@@ -240,23 +240,19 @@ AQN_FP4_KERNELS(nvfp4, float, f32, aqn::NvRuleOf, aqn::NvDequantRuleOf)
 AQN_FP4_KERNELS(nvfp4, __nv_bfloat16, bf16, aqn::NvRuleOf, aqn::NvDequantRuleOf)
 AQN_FP4_KERNELS(nvfp4, __half, f16, aqn::NvRuleOf, aqn::NvDequantRuleOf)
 
-#define AQN_AMAX_KERNEL(T, DT)                                                      \
+// The per-CTA reduction passes (AMAX_THREADS threads each), one kernel per dtype:
+// `NAME_<dtype>` runs `aqn::NAME<T>`.
+#define AQN_REDUCTION_KERNEL(NAME, T, DT)                                           \
     extern "C" __global__ void __launch_bounds__(aqn::AMAX_THREADS)                \
-        amax_partials_##DT(const aqn::Args a) {                                    \
-        aqn::amax_partials<T>(a);                                                  \
+        NAME##_##DT(const aqn::Args a) {                                           \
+        aqn::NAME<T>(a);                                                           \
     }
-AQN_AMAX_KERNEL(float, f32)
-AQN_AMAX_KERNEL(__nv_bfloat16, bf16)
-AQN_AMAX_KERNEL(__half, f16)
-
-#define AQN_SQ_ERR_KERNEL(T, DT)                                                    \
-    extern "C" __global__ void __launch_bounds__(aqn::AMAX_THREADS)                \
-        sq_err_partials_##DT(const aqn::Args a) {                                  \
-        aqn::sq_err_partials<T>(a);                                                \
-    }
-AQN_SQ_ERR_KERNEL(float, f32)
-AQN_SQ_ERR_KERNEL(__nv_bfloat16, bf16)
-AQN_SQ_ERR_KERNEL(__half, f16)
+#define AQN_REDUCTION_KERNELS(NAME)                                                 \
+    AQN_REDUCTION_KERNEL(NAME, float, f32)                                          \
+    AQN_REDUCTION_KERNEL(NAME, __nv_bfloat16, bf16)                                 \
+    AQN_REDUCTION_KERNEL(NAME, __half, f16)
+AQN_REDUCTION_KERNELS(amax_partials)
+AQN_REDUCTION_KERNELS(sq_err_partials)
 
 // Folds n_amax partials into out[0] (0 for none): the `amax` op's second launch. One warp.
 extern "C" __global__ void __launch_bounds__(aqn::FINALIZE_THREADS) amax_finalize(const aqn::Args a) {

@@ -123,12 +123,12 @@ pub fn elem_kernel(op: Op, fmt: Fmt, dt: Dt, scalar: bool) -> String {
     )
 }
 
-/// The per-CTA amax pass of a dtype (cuda/nvfp4.cu `AQN_AMAX_KERNEL`).
+/// The per-CTA amax pass of a dtype (cuda/nvfp4.cu `AQN_REDUCTION_KERNELS`).
 pub fn amax_partials_kernel(dt: Dt) -> String {
     format!("amax_partials_{}", dt.name())
 }
 
-/// The per-CTA sums of (x - y)^2 and x^2 of a dtype (cuda/nvfp4.cu `AQN_SQ_ERR_KERNEL`).
+/// The per-CTA sums of (x - y)^2 and x^2 of a dtype (cuda/nvfp4.cu `AQN_REDUCTION_KERNELS`).
 pub fn sq_err_partials_kernel(dt: Dt) -> String {
     format!("sq_err_partials_{}", dt.name())
 }
