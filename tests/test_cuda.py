@@ -186,7 +186,7 @@ def cpu_quantize(x, fmt, mode, amax=None):
 
 def inputs(shape, dtype, seed, dev="cuda"):
     """Fresh random inputs of several kinds, plus adversarial rows, cast to dtype."""
-    from conftest import RANDOM_GENERATORS, special_rows, tie_rows  # noqa: PLC0415
+    from helpers import RANDOM_GENERATORS, special_rows, tie_rows  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(seed)
     out = {}

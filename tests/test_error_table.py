@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import gaussian, laplace, load_reference, student_t  # noqa: E402
+from helpers import gaussian, laplace, load_reference, student_t  # noqa: E402
 
 R = load_reference()
 SHAPE = (4096, 4096)

@@ -21,7 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import (  # noqa: E402  (tests dir is on sys.path under pytest)
+from helpers import (  # noqa: E402  (tests/ is on sys.path: pyproject's pytest pythonpath)
     DTYPES,
     E2M1_TIES,
     LEADING_SHAPES,
