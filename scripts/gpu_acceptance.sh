@@ -15,8 +15,9 @@ python3 -c "import aqn_rs, json; print(json.dumps(aqn_rs.build_info()))" | tee "
 
 if has tests; then
   echo "== GPU tests (CUDA == CPU bit for bit: kernels, noise, hooks, export, scan)"
-  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_noise.py tests/test_hooks.py \
-      tests/test_export.py tests/test_scan.py -x 2>&1 | tail -n 25 | tee "$OUT/tests.txt"
+  python3 -m pytest -q -p no:cacheprovider tests/exact/test_cuda.py tests/exact/test_noise.py \
+      tests/unit/test_hooks.py tests/integration/test_export.py tests/integration/test_scan.py -x 2>&1 \
+      | tail -n 25 | tee "$OUT/tests.txt"
 fi
 if has step; then
   echo "== training step overhead, ~1B Llama-style, bf16"

@@ -34,8 +34,8 @@ status=0
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 if has test; then
-    echo "== test: pytest tests/test_cuda.py"
-    $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$OUT/pytest.log"
+    echo "== test: pytest tests/exact/test_cuda.py"
+    $PY -m pytest -q -p no:cacheprovider -rs tests/exact/test_cuda.py 2>&1 | tee "$OUT/pytest.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -53,7 +53,7 @@ if has sanitize; then
         echo "== sanitize: compute-sanitizer --tool $tool (quick suite)"
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 AQN_CUDA_TEST_QUICK=1 \
             compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
-            $PY -m pytest -q -p no:cacheprovider -x tests/test_cuda.py \
+            $PY -m pytest -q -p no:cacheprovider -x tests/exact/test_cuda.py \
             -k "not graph and not expandable and not 2_pow_31" 2>&1 | tee "$OUT/sanitize_$tool.log" | tail -n 25
         rc=${PIPESTATUS[0]}
         summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize_$tool.log" | tail -1)

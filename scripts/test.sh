@@ -9,5 +9,5 @@ python -m pytest -q -p no:cacheprovider --rootdir=. tests "$@"
 # The verl plugin against a real verl, where one is installed in another environment (verl pins
 # an older transformers than the local engine uses): AQN_VERL_PYTHON=/path/to/python.
 if [ -n "${AQN_VERL_PYTHON:-}" ]; then
-    "$AQN_VERL_PYTHON" -m pytest -q -p no:cacheprovider --rootdir=. tests/test_verl_plugin.py "$@"
+    "$AQN_VERL_PYTHON" -m pytest -q -p no:cacheprovider --rootdir=. tests/integration/test_verl_plugin.py "$@"
 fi

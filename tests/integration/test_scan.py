@@ -31,7 +31,7 @@ from aqn_rs import scan as S  # noqa: E402
 from aqn_rs.cli import scan as scan_cli  # noqa: E402
 from aqn_rs.export import fused_weight_groups  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ALL_MODES = ("floor", "rceil", "even", "ceil")
 
 

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("aqn_rs")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--device", "cpu", "--layers", "2", "--hidden", "64", "--inter", "128", "--heads", "4",
         "--vocab", "256", "--batch", "4", "--seq", "16", "--steps", "2", "--dtype", "float32"]
 

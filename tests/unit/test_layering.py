@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Set
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1] / "python" / "aqn_rs"
+ROOT = Path(__file__).resolve().parents[2] / "python" / "aqn_rs"
 
 FLOORS: Dict[str, int] = {
     "_aqn_rs": 0, "constants": 0, "errors": 0, "models": 0, "_plot": 0,
@@ -53,7 +53,7 @@ def floor_of(mod: str) -> int:
         key = ".".join(parts[:i])
         if key in FLOORS:
             return FLOORS[key]
-    raise AssertionError(f"aqn_rs.{mod} has no floor: add it to FLOORS in tests/test_layering.py")
+    raise AssertionError(f"aqn_rs.{mod} has no floor: add it to FLOORS in tests/unit/test_layering.py")
 
 
 def _modules() -> Dict[str, Path]:

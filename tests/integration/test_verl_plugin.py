@@ -935,7 +935,7 @@ def test_verl_stack_small_settings_compose_against_verl(env, want, tmp_path):
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     e = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, STASH=str(tmp_path / "stash"), STEPS="6",
              OUTPUT=str(tmp_path / "runs"), **env)
     for k in ("PARALLEL", "SAVE_HF", "GPU_MEM", "KV_BYTES", "RUN_ARGS", "MODEL", "DATA"):
@@ -969,7 +969,7 @@ def _run_check(engine: str):
     import subprocess
     import sys
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "verl_gpu_check.py"
+    script = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "verl_gpu_check.py"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the script's process group binds no port
     env.pop("OUT", None)
     r = subprocess.run([sys.executable, "-W", "ignore", str(script), "--device", "cpu", "--config", "tiny",

@@ -22,7 +22,7 @@ import aqn_rs
 from aqn_rs.experiments import ExperimentError, data, outputs, presets, reward
 from aqn_rs.experiments import cli as ecli
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 
