@@ -108,7 +108,7 @@ __device__ __forceinline__ int raw_exponent(float a) {
 // E2M1 grid spacings, and the f32 add rounds half to even in units of that quantum, which on
 // this grid is the E2M1 tie rule (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2,
 // 3.5 -> 4, 5 -> 4). Subtracting M back is exact. Checked against the comparison encoder on
-// every f32 in [0, Inf] by simulating it in numpy (tests/test_cuda.py, CPU-only part).
+// every f32 in [0, Inf] by simulating it in numpy (tests/exact/test_cuda.py, CPU-only part).
 __device__ __forceinline__ float e2m1_round(float a) {
     a = fminf(a, F4_E2M1_MAX);
     // M's exponent follows a's: max(exp(a), 127) + 22, i.e. 2^22 * max(1, 2^floor(log2 a)).

@@ -213,7 +213,7 @@ def _cuda_kernels() -> bool:
 
 def _cuda_gaussian(shape, seed, step, name, sigma, offset, device, dtype):
     """The noise kernel (cuda/noise.cu): one launch on torch's current stream, the output
-    dtype written directly; bit-identical to the CPU path (tests/test_noise.py)."""
+    dtype written directly; bit-identical to the CPU path (tests/exact/test_noise.py)."""
     # Raw pointers cannot be traced: always eager.
     return _eager(_cuda_gaussian_eager, shape, seed, step, name, sigma, offset, device, dtype)
 

@@ -4,7 +4,7 @@ strict: the last `#### <number>` in the last 300 characters, commas and `$` stri
 equal the ground truth string. flexible: the last number-like token in the last 300
 characters (commas kept, as verl does). The reward is `correct` for a match, `format` when an
 answer was extracted but is wrong (verl's `format_score`), 0 when none was found.
-tests/test_experiments.py checks these functions against verl's own file.
+tests/e2e/test_experiments.py checks these functions against verl's own file.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 # The `x as x` imports re-export names the single-module export had outside __all__, so that
 # `aqn_rs.export.x` still works: the shared constants and the dtype tables, which
-# tests/test_constants.py checks are the constants module's. fused_weight_groups lives with
+# tests/unit/test_constants.py checks are the constants module's. fused_weight_groups lives with
 # the selection rules; `aqn_rs.export.fused_weight_groups` stays.
 import json
 import os

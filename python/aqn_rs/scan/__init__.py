@@ -47,8 +47,9 @@ floor above the packages it runs.
 from __future__ import annotations
 
 # The `x as x` imports re-export names the single-module scanner had outside __all__, so that
-# `aqn_rs.scan.x` still works: the shared constants, which tests/test_constants.py checks are
-# the constants module's, and the gain-scan edges, which tests/test_scan.py checks directly.
+# `aqn_rs.scan.x` still works: the shared constants, which tests/unit/test_constants.py checks are
+# the constants module's, and the gain-scan edges, which tests/integration/test_scan.py checks
+# directly.
 from ..checkpoint import SafetensorsReader
 from ..constants import DEFAULT_EXCLUDE
 from ..constants import SCALE_MODES as SCALE_MODES

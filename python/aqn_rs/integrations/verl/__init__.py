@@ -74,8 +74,9 @@ and a copy here would go stale.
 from __future__ import annotations
 
 # The `x as x` imports re-export names the single module had outside __all__ (helpers that
-# tests/test_verl_plugin.py, scripts/verl_gpu_check.py and scripts/verl_stack.sh call, and the
-# shared names tests/test_constants.py checks), so that `aqn_rs.integrations.verl.x` still works.
+# tests/integration/test_verl_plugin.py, scripts/verl_gpu_check.py and scripts/verl_stack.sh
+# call, and the shared names tests/unit/test_constants.py checks), so that
+# `aqn_rs.integrations.verl.x` still works.
 from ...constants import VLLM_FUSED as VLLM_FUSED
 from ...errors import VerlPluginError
 from ...selection import is_adapter as is_adapter
