@@ -18,7 +18,7 @@ files, extracted from the wheels into .peers/ (carry that folder to the GPU mach
     pip download --no-deps verl==0.9.1 nvidia-modelopt==0.47.0 -d /tmp/peers
     python benchmarks/bench_kernels.py --extract-peers /tmp/peers/*.whl
 
-Usage: python benchmarks/bench_kernels.py [--quick] [--out docs/bench.md] [--json out.json]
+Usage: python benchmarks/bench_kernels.py [--quick] [--out docs/results/bench.md] [--json out.json]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-// Shared device helpers of the FP4 kernels: the element and scale codecs of docs/FORMATS.md
-// (mirroring crates/aqn-core/src/formats.rs), the dtype traits (element.rs), and the launch
-// argument block shared with src/cuda/abi.rs.
+// Shared device helpers of the FP4 kernels: the element and scale codecs of
+// docs/reference/FORMATS.md (mirroring crates/aqn-core/src/formats.rs), the dtype traits
+// (element.rs), and the launch argument block shared with src/cuda/abi.rs.
 //
 // Exactness rules (FORMATS.md "Notation"): every f32 operation is an explicitly rounded
 // intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn) so that no FMA contraction or approximate
@@ -53,9 +53,9 @@ AQN_ABI_FIELD(Args, mode);
 
 // A 16-byte read-only load for a pass that reads each byte once and keeps nothing: no L1
 // allocation, and a 256-byte L2 prefetch. In the amax pass of 16-bit tensors it took NVFP4
-// incl. amax on an H100 from 1.61 to 1.59x the copy time (bf16 4096x14336, docs/BENCHMARKS.md);
-// for f32 tensors it made the pair slower (1.53 -> 1.56x), and in the element kernels it
-// made them slower too: those keep __ldg.
+// incl. amax on an H100 from 1.61 to 1.59x the copy time (bf16 4096x14336,
+// docs/results/BENCHMARKS.md); for f32 tensors it made the pair slower (1.53 -> 1.56x), and in the
+// element kernels it made them slower too: those keep __ldg.
 __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"

@@ -1,4 +1,4 @@
-// AQN's counter-based Gaussian noise (docs/NOISE.md), bit-identical to the Rust CPU path
+// AQN's counter-based Gaussian noise (docs/reference/NOISE.md), bit-identical to the Rust CPU path
 // (crates/aqn-core/src/noise.rs) and to the pure-torch reference (aqn_rs.aqn._reference_gaussian).
 //
 // One thread per Philox block of four elements: the block's counter is

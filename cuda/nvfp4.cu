@@ -1,5 +1,5 @@
 // NVFP4: blocks of 16 E2M1 elements with an E4M3 block scale and an f32 per-tensor global
-// scale, by the compressed-tensors / vLLM checkpoint convention. docs/FORMATS.md "NVFP4";
+// scale, by the compressed-tensors / vLLM checkpoint convention. docs/reference/FORMATS.md "NVFP4";
 // mirrors crates/aqn-core/src/nvfp4.rs. Also the per-tensor amax reduction.
 //
 // The tensor amax never visits the host: `amax_partials_<dtype>` writes one f32 per CTA

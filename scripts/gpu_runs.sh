@@ -14,7 +14,7 @@
 #          them at once on the one GPU; default one after another) -- each run <= 10 min;
 #          the small files of each run (config, metrics, summary, curves) are copied to $OUT.
 #          On 2 GPUs (kind nvidia-h100-x2): GPUS=2 bash scripts/gpu_runs.sh run 1D
-#   here:  bash scripts/gpu_runs.sh report DIR_WITH_RUNS   -> docs/RESULTS.md (+ PNG)
+#   here:  bash scripts/gpu_runs.sh report DIR_WITH_RUNS   -> docs/results/RESULTS.md (+ PNG)
 #
 # Extra `aqn-rs run` options go in RUN_ARGS (e.g. RUN_ARGS="--set training.steps=150").
 set -euo pipefail
@@ -165,11 +165,11 @@ report() {
         [ -f "$dir/runs/$p/summary.json" ] && runs+=("$dir/runs/$p")
     done
     [ "${#runs[@]}" -gt 0 ] || die "no runs/<preset>/summary.json under $dir"
-    "$PY" -m aqn_rs.experiments.cli compare "${runs[@]}" --output docs --name RESULTS
+    "$PY" -m aqn_rs.experiments.cli compare "${runs[@]}" --output docs/results --name RESULTS
     "$PY" - "$dir" "${runs[@]}" <<'EOF'
 import json, pathlib, sys
 runs = [json.loads((pathlib.Path(r) / "summary.json").read_text()) for r in sys.argv[2:]]
-md = pathlib.Path("docs/RESULTS.md")
+md = pathlib.Path("docs/results/RESULTS.md")
 s0 = runs[0]
 t = s0.get("training", {})
 head = [

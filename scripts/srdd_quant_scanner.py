@@ -5,7 +5,7 @@
 
 It runs the same scan as `aqn-rs scan` (python/aqn_rs/scan/; every `aqn-rs scan` option is
 here with underscores: --plot, --compare, --device, --exclude, --scale_mode, --calib,
---calib_samples, ...). docs/SCANNER.md defines the numbers and the JSON schema.
+--calib_samples, ...). docs/guides/SCANNER.md defines the numbers and the JSON schema.
 """
 
 import sys

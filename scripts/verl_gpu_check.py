@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The verl plugin's actor path and weight-sync path on a real transformers model, on CUDA.
 
-Run on the GPU machine (docs/VERL.md says what this covers and what it does not):
+Run on the GPU machine (docs/guides/VERL.md says what this covers and what it does not):
 
     python3 scripts/verl_gpu_check.py                       # tiny Qwen2s, then Qwen2.5-1.5B's shape
     python3 scripts/verl_gpu_check.py --config qwen2.5-1.5b --model /path/to/Qwen2.5-1.5B-Instruct

@@ -369,8 +369,8 @@ PYEOF
 
 # TORCH_CUDNN_SDPA_DEPRIORITIZED: torch puts cuDNN attention first on sm90 unless it is set; the
 # actor runs on sdpa here (no flash-attn), and cuDNN's SDPA backward gives NaN grad_q for
-# left-padded rows at lengths 64 mod 128 (docs/VERL.md). It reaches the Ray workers by inheritance,
-# the baseline's too (the plugin is not loaded there).
+# left-padded rows at lengths 64 mod 128 (docs/guides/VERL.md). It reaches the Ray workers by
+# inheritance, the baseline's too (the plugin is not loaded there).
 env_lines() {
     cat <<EOF
 export STASH='$STASH'

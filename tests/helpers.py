@@ -24,7 +24,8 @@ torch = pytest.importorskip("torch")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Shapes used across the exact tests (docs/FORMATS.md §Tensor layout: arbitrary K, short tail).
+# Shapes used across the exact tests (docs/reference/FORMATS.md §Tensor layout: arbitrary K,
+# short tail).
 ODD_KS = (1, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 1000)
 LEADING_SHAPES = ((), (3,), (2, 3))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

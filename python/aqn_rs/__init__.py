@@ -9,7 +9,7 @@ Quick start::
     t = aqn_rs.Mxfp4Quantizer("floor").quantize(w)        # packed codes + E8M0 scales
     w2 = aqn_rs.Mxfp4Quantizer().dequantize(t, dtype=torch.bfloat16)
 
-The exact number formats are in docs/FORMATS.md; `aqn_rs.reference` is a pure-torch
+The exact number formats are in docs/reference/FORMATS.md; `aqn_rs.reference` is a pure-torch
 implementation of the same rules that the tests compare against bit for bit.
 """
 

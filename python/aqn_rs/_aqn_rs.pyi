@@ -124,7 +124,7 @@ class ModuleSelector:
 
 @final
 class SigmaScheduler:
-    """QeRL's staged sigma schedule (formulas in `aqn_core::schedule` and docs/NOISE.md).
+    """QeRL's staged sigma schedule (formulas in `aqn_core::schedule` and docs/reference/NOISE.md).
 
     Args:
         sigma_start, sigma_end: finite, >= 0 (numeric strings accepted); exponential decay
@@ -188,7 +188,7 @@ def noise_fill_f32(
     offset: Optional[int] = None,
 ) -> None:
     """Fill a C-contiguous float32 array with elements offset..offset+out.size of the noise
-    of (seed, step, name), each z * float32(sigma) (docs/NOISE.md). GIL released."""
+    of (seed, step, name), each z * float32(sigma) (docs/reference/NOISE.md). GIL released."""
 
 def noise_key(seed: int, name: str) -> int:
     """FNV-1a 64 of the seed's 8 little-endian bytes followed by the UTF-8 name."""
@@ -254,7 +254,7 @@ def dlpack_exchange_register(tensor_type: Any) -> bool:
     """Register `tensor_type`'s (torch.Tensor's) DLPack C exchange API for `cuda_fake_quant_t`;
     False, registering nothing, where the type has none (torch < 2.10)."""
 
-# ---- SRDD scanner reductions (src/scan.rs; docs/SCANNER.md) ----
+# ---- SRDD scanner reductions (src/scan.rs; docs/guides/SCANNER.md) ----
 
 def scan_tensor(
     x: np.ndarray, dtype: str, format: str, scale_mode: str = "floor", amax: Optional[float] = None

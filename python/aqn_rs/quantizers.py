@@ -3,7 +3,7 @@
 Inputs are torch tensors (CPU or CUDA; float32, bfloat16, float16) or numpy arrays (float32,
 float16). CPU work runs in the Rust core (`aqn_rs._aqn_rs`) on zero-copy views of the caller's
 buffer with the GIL released; CUDA tensors go to the kernels in `aqn_rs._cuda`. The exact
-rules are in docs/FORMATS.md; `aqn_rs.reference` is the pure-torch ground truth.
+rules are in docs/reference/FORMATS.md; `aqn_rs.reference` is the pure-torch ground truth.
 
 torch is imported only when a torch tensor is passed, so numpy-only use stays light.
 """

@@ -1,5 +1,5 @@
 //! Python binding of the AQN side of aqn-core; converts arguments and errors only, the rules
-//! live in `aqn_core::{selector, schedule, noise}` and `docs/NOISE.md`:
+//! live in `aqn_core::{selector, schedule, noise}` and `docs/reference/NOISE.md`:
 //!
 //! - `selector`: `ModuleSelector` and `LAYER_TYPES`;
 //! - `schedule`: `SigmaScheduler` and `DECAYS`;

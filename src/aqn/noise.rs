@@ -1,4 +1,4 @@
-//! AQN's counter-based Gaussian noise on the CPU (docs/NOISE.md), and its building blocks
+//! AQN's counter-based Gaussian noise on the CPU (docs/reference/NOISE.md), and its building blocks
 //! (FNV-1a, the Philox key, Philox4x32-10), exported so the tests can check them against
 //! published vectors and the pure-torch reference.
 
@@ -9,7 +9,7 @@ use super::args::u64_arg;
 use crate::error::Error;
 
 /// Fill a C-contiguous float32 array with elements `offset .. offset + out.size` of the noise
-/// tensor of `(seed, step, name)`, each `z * float32(sigma)` (docs/NOISE.md).
+/// tensor of `(seed, step, name)`, each `z * float32(sigma)` (docs/reference/NOISE.md).
 #[pyfunction]
 #[pyo3(signature = (out, seed, step, name, sigma=1.0, offset=None))]
 fn noise_fill_f32(

@@ -405,9 +405,9 @@ fn cuda_sq_err_many(
     ))?)
 }
 
-/// Elements `offset .. offset + n` of AQN's noise for `(seed, step, name)` (docs/NOISE.md),
-/// `z * float32(sigma)` cast to `dtype`, into `n` elements at `out`: the CUDA twin of
-/// `noise_fill_f32`, bit for bit.
+/// Elements `offset .. offset + n` of AQN's noise for `(seed, step, name)`
+/// (docs/reference/NOISE.md), `z * float32(sigma)` cast to `dtype`, into `n` elements at `out`: the
+/// CUDA twin of `noise_fill_f32`, bit for bit.
 #[pyfunction]
 // The Python signature: _cuda.py passes each buffer, size and option as its own argument
 // (no Python object groups them), and the stub _aqn_rs.pyi documents them one by one.

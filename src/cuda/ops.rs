@@ -335,7 +335,7 @@ pub fn sq_err_many(
 }
 
 /// Elements `offset .. offset + n` of the noise of `(key, step)`, `z * sigma` cast to
-/// `dt`, written to `out` (docs/NOISE.md). One thread per block of four elements.
+/// `dt`, written to `out` (docs/reference/NOISE.md). One thread per block of four elements.
 // One parameter per argument of the Python entry point it serves, already parsed:
 // a struct would only rename them.
 #[allow(clippy::too_many_arguments)]

@@ -1,5 +1,5 @@
-"""CUDA kernels == CPU path, bit for bit (docs/FORMATS.md), for every op, format, scale mode
-and dtype, on fresh random, adversarial and odd-length inputs; plus graph capture, multi-GPU,
+"""CUDA kernels == CPU path, bit for bit (docs/reference/FORMATS.md), for every op, format, scale
+mode and dtype, on fresh random, adversarial and odd-length inputs; plus graph capture, multi-GPU,
 > 2^31 elements, torch's expandable segments, and the errors.
 
 The CPU path (`aqn_rs.Mxfp4Quantizer(...).fake_quant(x.cpu())`, ...) is the ground truth.

@@ -1,4 +1,4 @@
-"""AQN noise (docs/NOISE.md): the counter-based Gaussian generator (Rust vs the pure-torch
+"""AQN noise (docs/reference/NOISE.md): the counter-based Gaussian generator (Rust vs the pure-torch
 reference, bit for bit; across processes; statistics; slices), and `AqnNoise` on actor and
 rollout models (no accumulation, bit-identical restore, vLLM names, eval, errors)."""
 
@@ -54,7 +54,7 @@ def test_philox_and_fnv_known_answers():
 
 
 def test_golden_values():
-    """docs/NOISE.md, "Golden values": the CUDA port checks against the same numbers."""
+    """docs/reference/NOISE.md, "Golden values": the CUDA port checks against the same numbers."""
     got = gaussian_noise((8,), 0, 0, NORM)
     assert [hex(v) for v in got.view(np.uint32)] == [
         "0x3e71c099", "0x401cb464", "0x3f92c697", "0xbee97381",

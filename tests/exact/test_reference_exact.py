@@ -1,7 +1,7 @@
 """The package API against the pure-torch reference, bit for bit (STYLE.md §8, layers 1-2).
 
-Layer 1 pins the reference itself to exact tables taken from docs/FORMATS.md (ties to even,
-saturation, the scale-mode table). Layer 2 compares ``aqn_rs.Mxfp4Quantizer`` /
+Layer 1 pins the reference itself to exact tables taken from docs/reference/FORMATS.md (ties to
+even, saturation, the scale-mode table). Layer 2 compares ``aqn_rs.Mxfp4Quantizer`` /
 ``aqn_rs.Nvfp4Quantizer`` (CPU path) with ``aqn_rs.reference`` on fresh random inputs,
 adversarial inputs (ties and their f32 neighbours, +-6 boundaries, zeros, -0.0, subnormals,
 NaN, +-Inf, values near the dtype maxima), odd last dimensions, several leading shapes, empty

@@ -1,8 +1,8 @@
 """The SRDD scanner (`aqn_rs.scan`, `aqn-rs scan`, scripts/srdd_quant_scanner.py).
 
 The numbers are checked against an independent pure-torch computation of the same metrics
-(docs/SCANNER.md) built on `aqn_rs.reference`, on a small random Llama checkpoint written here:
-counts exactly, SQNR to 1e-6 relative. The scanner's CUDA path (torch reductions over the
+(docs/guides/SCANNER.md) built on `aqn_rs.reference`, on a small random Llama checkpoint written
+here: counts exactly, SQNR to 1e-6 relative. The scanner's CUDA path (torch reductions over the
 quantizer outputs) is run on CPU tensors and must equal the Rust core. Then the inputs (folder,
 sharded, single file, verl, run folder), the errors, the CLIs, `--compare`, `--calib`, the
 plot, and the memory bound (peak RSS growth <= largest tensor + a constant).
@@ -79,7 +79,7 @@ def results(ckpt):
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent pure-torch metrics (docs/SCANNER.md, "Metrics"), from aqn_rs.reference
+# Independent pure-torch metrics (docs/guides/SCANNER.md, "Metrics"), from aqn_rs.reference
 # ---------------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@ vLLM-style model, the wrappers verl's classes get, and -- with verl installed --
 points and the hydra composition of every preset's `aqn-rs run --engine verl` command.
 
 Tests marked `needs_verl` skip when verl is not importable (CI installs it in a second
-virtual environment, see docs/VERL.md); the rest need torch only.
+virtual environment, see docs/guides/VERL.md); the rest need torch only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reference (and so docs/FORMATS.md) against the real peer packages.
+"""The reference (and so docs/reference/FORMATS.md) against the real peer packages.
 
 * MXFP4: torchao 0.18 ``to_mx`` / ``to_dtype`` in all four scale modes: identical packed codes,
   E8M0 bytes and dequantized bits, on f32 and bf16 inputs with K a multiple of 32 and every
@@ -10,7 +10,7 @@
   of the scale math in bf16; the mismatch rate is measured, printed and bounded.
 * NVFP4 rule variants of other peers, evaluated in IEEE f32 on the CPU: TE's IEEE-quotient
   global scale (alone, and with TE's full scale arithmetic) and ModelOpt's decode-direction
-  scales. Rates are printed and bounded; docs/PEERS.md records them.
+  scales. Rates are printed and bounded; docs/results/PEERS.md records them.
 
 Run with ``-s`` to see the measured rates.
 """
@@ -395,6 +395,6 @@ def test_nvfp4_variant_mismatch_rates(ref, variant):
     )
     # On regular blocks the variants differ from ours only through 1-ulp differences in the
     # f32 scale arithmetic, which move the rare value sitting on a rounding boundary; measured
-    # ~1e-7 (docs/PEERS.md). A loose bound still catches a real rule change.
+    # ~1e-7 (docs/results/PEERS.md). A loose bound still catches a real rule change.
     assert tot["codes_regular"] / n < 1e-5
     assert tot["scales_regular"] / nb < 1e-5

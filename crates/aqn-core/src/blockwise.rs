@@ -1,6 +1,6 @@
 //! The one engine behind every format: per block, take the amax, derive the block's scale
 //! from a [`BlockRule`], then encode (and for fake quant, decode) every element.
-//! MXFP4 and NVFP4 differ only in their rule. docs/FORMATS.md has the rules.
+//! MXFP4 and NVFP4 differ only in their rule. docs/reference/FORMATS.md has the rules.
 
 use rayon::prelude::*;
 

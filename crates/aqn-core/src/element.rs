@@ -1,5 +1,5 @@
 //! The dtypes a tensor may have: f32, bf16 and f16. Inputs widen to f32 exactly; outputs
-//! round to nearest even (docs/FORMATS.md, "Output dtype rounding").
+//! round to nearest even (docs/reference/FORMATS.md, "Output dtype rounding").
 
 use half::{bf16, f16};
 

@@ -1,4 +1,4 @@
-//! Element and scale codecs (docs/FORMATS.md): E2M1 elements, E8M0 and E4M3 block scales,
+//! Element and scale codecs (docs/reference/FORMATS.md): E2M1 elements, E8M0 and E4M3 block scales,
 //! and packing two 4-bit codes per byte.
 
 /// Largest E2M1 magnitude.

@@ -1,6 +1,6 @@
 //! How a row-major tensor is seen by the quantizers: `rows` rows of `k` elements (the last
 //! dimension), cut into blocks of `block` elements along each row; the last block of a row
-//! may be short. docs/FORMATS.md, "Tensor layout".
+//! may be short. docs/reference/FORMATS.md, "Tensor layout".
 
 use crate::error::{Error, Result};
 

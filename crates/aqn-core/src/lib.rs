@@ -15,8 +15,8 @@
 //! - [`selector`]: which modules are quantized or noised, and which rule decided.
 //!
 //! [`error`] has the one error enum. The exact quantization rules are written down in
-//! `docs/FORMATS.md`, the noise in `docs/NOISE.md`; every function here cites the rule it
-//! implements. All tensor functions see a row-major tensor as rows of `k` elements
+//! `docs/reference/FORMATS.md`, the noise in `docs/reference/NOISE.md`; every function here cites
+//! the rule it implements. All tensor functions see a row-major tensor as rows of `k` elements
 //! (the last dimension) and work on the rows in parallel with rayon.
 
 pub mod blockwise;

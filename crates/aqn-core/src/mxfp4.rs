@@ -1,5 +1,5 @@
 //! MXFP4 (OCP Microscaling v1.0): blocks of 32 E2M1 elements sharing one E8M0 scale.
-//! docs/FORMATS.md, "MXFP4".
+//! docs/reference/FORMATS.md, "MXFP4".
 
 use std::fmt;
 use std::str::FromStr;

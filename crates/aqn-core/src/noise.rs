@@ -1,8 +1,8 @@
 //! Counter-based Gaussian noise for AQN: the same `(seed, step, module name)` gives the same
 //! noise in every process and on every device, with no tensors sent between them.
 //!
-//! The exact algorithm is written down in `docs/NOISE.md` (the contract for the CUDA port and
-//! for `aqn_rs.aqn._reference_gaussian`, the pure-torch reference). In short:
+//! The exact algorithm is written down in `docs/reference/NOISE.md` (the contract for the CUDA port
+//! and for `aqn_rs.aqn._reference_gaussian`, the pure-torch reference). In short:
 //!
 //! 1. `key = fnv1a64(seed as 8 little-endian bytes ++ UTF-8 name)` ([`noise_key`]);
 //! 2. element `e` of the (flattened, row-major) tensor belongs to block `b = e / 4`, lane
@@ -35,8 +35,8 @@ pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 pub const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 // f32 constants of the transcendental approximations, given by their bit patterns: the table
-// in docs/NOISE.md, "Constants", which the CUDA port and the torch reference use as they are.
-// `constants_are_what_they_say` checks each against its mathematical value.
+// in docs/reference/NOISE.md, "Constants", which the CUDA port and the torch reference use as they
+// are. `constants_are_what_they_say` checks each against its mathematical value.
 /// 2^-24: one unit of the 24-bit uniform grid.
 pub const U24: f32 = f32::from_bits(0x3380_0000);
 /// sqrt(2) rounded to f32: mantissas above it are halved so `m` lies in [sqrt(2)/2, sqrt(2)].
@@ -109,7 +109,7 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     [c0, c1, c2, c3]
 }
 
-/// `-2 ln(u)` for `u = ((x >> 8) + 1) * 2^-24` in `[2^-24, 1]` (docs/NOISE.md, "radius").
+/// `-2 ln(u)` for `u = ((x >> 8) + 1) * 2^-24` in `[2^-24, 1]` (docs/reference/NOISE.md, "radius").
 #[inline]
 pub fn minus_two_log_uniform(x: u32) -> f32 {
     let u = ((x >> 8) + 1) as f32 * U24; // exact: an integer <= 2^24 times a power of two
@@ -134,7 +134,7 @@ pub fn minus_two_log_uniform(x: u32) -> f32 {
     -2.0 * ln_u
 }
 
-/// `(sin, cos)` of the angle `2 pi k / 2^24` with `k = x >> 8` (docs/NOISE.md, "angle").
+/// `(sin, cos)` of the angle `2 pi k / 2^24` with `k = x >> 8` (docs/reference/NOISE.md, "angle").
 #[inline]
 pub fn sincos_turns(x: u32) -> (f32, f32) {
     let k = x >> 8; // 24-bit angle in units of 2 pi / 2^24

@@ -1,5 +1,6 @@
 //! NVFP4: blocks of 16 E2M1 elements with an E4M3 block scale and an f32 per-tensor global
-//! scale, by the compressed-tensors / vLLM checkpoint convention (docs/FORMATS.md, "NVFP4").
+//! scale, by the compressed-tensors / vLLM checkpoint convention
+//! (docs/reference/FORMATS.md, "NVFP4").
 
 use crate::blockwise::{self, BlockRule, BlockScale};
 use crate::element::Element;

@@ -15,7 +15,7 @@
 //!   (`r` = [`gain_ladder`], 2^-8 .. 1), the quantizer's response `Q_b(r * amax_b) / amax_b`
 //!   with the block's scale held fixed, summed over blocks, plus how many blocks zero (deadzone)
 //!   or clip (saturation) a probe at each rung. The mean response's slope between rungs is the
-//!   quantizer's gain `dQ/dx` (docs/SCANNER.md).
+//!   quantizer's gain `dQ/dx` (docs/guides/SCANNER.md).
 //!
 //! Blocks holding NaN or Inf are counted and left out of every other statistic.
 //!

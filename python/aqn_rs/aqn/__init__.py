@@ -7,8 +7,8 @@ and where it is added (DESIGN.md, "AQN").
   ``(seed, step, module name)`` through Philox4x32-10, generated in f32 and then cast. The
   same key gives bit-identical noise in every process and on every device, so the actor and
   every rollout worker draw the same noise without sending tensors. The algorithm is written
-  down in docs/NOISE.md; the CPU path runs in Rust, CUDA in one kernel (cuda/noise.cu), other
-  devices (and CUDA builds without kernels) use `_reference_gaussian`
+  down in docs/reference/NOISE.md; the CPU path runs in Rust, CUDA in one kernel (cuda/noise.cu),
+  other devices (and CUDA builds without kernels) use `_reference_gaussian`
   (pure torch, the same algorithm op for op), which the tests compare bit for bit.
 - `AqnNoise`: adds the step's noise to the selected weights, either out of place in the
   training forward (``apply_to="actor"``, through `actor_weight`, master weights untouched)

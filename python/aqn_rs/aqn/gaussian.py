@@ -1,6 +1,7 @@
 """AQN's deterministic noise: N(0, sigma^2) keyed by ``(seed, step, module name)`` through
-Philox4x32-10 (docs/NOISE.md), on the CPU in Rust, on CUDA in one kernel, elsewhere in pure torch
-(`_reference_gaussian`, the same algorithm op for op). torch is imported inside the functions."""
+Philox4x32-10 (docs/reference/NOISE.md), on the CPU in Rust, on CUDA in one kernel, elsewhere
+in pure torch (`_reference_gaussian`, the same algorithm op for op). torch is imported inside
+the functions."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np
 from .. import _aqn_rs, _cuda
 
 # ---------------------------------------------------------------------------------------------
-# The noise algorithm (docs/NOISE.md). Constants are given by their f32 bit patterns, the same
-# table as `aqn_core::noise` and the CUDA port.
+# The noise algorithm (docs/reference/NOISE.md). Constants are given by their f32 bit patterns, the
+# same table as `aqn_core::noise` and the CUDA port.
 # ---------------------------------------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF
@@ -89,7 +90,7 @@ def _reference_gaussian(
     offset: int = 0,
     device: Any = None,
 ):
-    """Pure-torch reference of the noise (docs/NOISE.md), op for op the algorithm of
+    """Pure-torch reference of the noise (docs/reference/NOISE.md), op for op the algorithm of
     `aqn_core::noise`: a float32 tensor of ``shape`` holding elements
     ``offset .. offset + numel`` of the noise of ``(seed, step, name)`` times ``float32(sigma)``.
 
@@ -250,7 +251,7 @@ def gaussian_noise(
     offset: int = 0,
 ):
     """Deterministic N(0, sigma^2) noise for a weight of ``shape``, keyed by
-    ``(seed, step, name)`` (docs/NOISE.md).
+    ``(seed, step, name)`` (docs/reference/NOISE.md).
 
     Args:
         shape: the tensor's shape (an int or a sequence of ints).

@@ -29,7 +29,8 @@ COMMANDS = ("run", "sweep", "compare")
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", help="a preset name (baseline, mxfp4-only, 1A, 1C, 1D, 1E, nvfp4, nvfp4-aqn) or a .yaml path")
     p.add_argument("--engine", choices=["local", "verl", "auto"], default="auto",
-                   help="local: TRL GRPOTrainer on this machine; verl: verl's main_ppo (Ray + FSDP + vLLM, docs/VERL.md); "
+                   help="local: TRL GRPOTrainer on this machine; verl: verl's main_ppo "
+                        "(Ray + FSDP + vLLM, docs/guides/VERL.md); "
                         "auto: local (a verl cluster cannot be detected from here)")
     p.add_argument("--gpus", default="auto", help="GPUs to use: a number (0 = CPU) or auto (all visible, else CPU)")
     p.add_argument("--model", default=None, help="transformers model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")

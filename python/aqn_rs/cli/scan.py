@@ -69,7 +69,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
             "Measure, layer by layer, what MXFP4/NVFP4 fake quantization does to a checkpoint's "
             "weights: SQNR, relative and max error, deadzone and saturation fractions, code and "
             "block-scale histograms, and the gain scan; with --calib also each layer's output error "
-            "and the end-to-end NLL change. docs/SCANNER.md defines every number."
+            "and the end-to-end NLL change. docs/guides/SCANNER.md defines every number."
         ),
     )
     _add_arguments(p)

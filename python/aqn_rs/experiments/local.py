@@ -492,7 +492,8 @@ def _dataset(Dataset, rows):
 
     datasets otherwise fingerprints a new Dataset by pickling its Arrow table with dill, which
     fails on the GPU image's datasets 5.2 / dill 0.4.1 / pyarrow 26 (`Can't pickle
-    MonthDayNano`, seen on the H100, docs/RESULTS.md); a content hash is just as unique here.
+    MonthDayNano`, seen on the H100, docs/results/RESULTS.md); a content hash is just as
+    unique here.
     """
     import hashlib
 
@@ -508,7 +509,7 @@ def avoid_cudnn_attention() -> None:
     torch 2.11's default SDPA backend on Hopper (cuDNN) returns NaN in grad_q for query rows
     that attend to nothing (the left padding of the prompts) when the padded length is 64 mod
     128 (pytorch/pytorch#196678, huggingface/trl#7181); the forward stays finite. On 2 H100s it
-    hit exactly the 13 of 100 steps whose batch padded to 192 tokens (docs/RESULTS.md). The
+    hit exactly the 13 of 100 steps whose batch padded to 192 tokens (docs/results/RESULTS.md). The
     flash and memory-efficient backends are correct, and SDPA falls back to them.
     """
     import torch
@@ -521,9 +522,9 @@ def drop_nonfinite_grads(params) -> bool:
 
     A NaN in one gradient turns every gradient NaN through the global-norm clip, and one optimizer
     step on them makes the weights NaN and the next sampling fail with a device-side assert in
-    `torch.multinomial` (seen once in 100 H100 baseline steps, docs/RESULTS.md). AdamW leaves a
-    parameter whose `.grad` is None untouched. Under DDP the gradients are already all-reduced, so
-    every rank takes the same decision. One device sync per optimizer step.
+    `torch.multinomial` (seen once in 100 H100 baseline steps, docs/results/RESULTS.md). AdamW
+    leaves a parameter whose `.grad` is None untouched. Under DDP the gradients are already
+    all-reduced, so every rank takes the same decision. One device sync per optimizer step.
     """
     import torch
 

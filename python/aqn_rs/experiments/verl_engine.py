@@ -401,7 +401,7 @@ def worker_env() -> Dict[str, str]:
       kernels on CUDA and raises ImportError at construction when the package is absent.
     - `TORCH_CUDNN_SDPA_DEPRIORITIZED=1`: without flash-attn the actor runs on sdpa, where torch
       2.11 puts cuDNN attention first on sm90; its backward gives NaN grad_q for left-padded rows
-      at lengths 64 mod 128 (docs/VERL.md, "Requirements and limits").
+      at lengths 64 mod 128 (docs/guides/VERL.md, "Requirements and limits").
     """
     env = {}
     if not has_flashinfer():
@@ -475,7 +475,7 @@ def execute(cfg: Dict[str, Any], data: Optional[str]) -> Dict[str, Any]:
     missing = missing_packages()
     if missing:
         raise ExperimentError(f"the verl engine needs {', '.join(missing)} in this Python: pip install "
-                              f"{' '.join(missing)} (docs/VERL.md lists the versions checked)")
+                              f"{' '.join(missing)} (docs/guides/VERL.md lists the versions checked)")
     run_dir = pathlib.Path(cfg["run"]["output"])
     run_dir.mkdir(parents=True, exist_ok=True)
     for f in ("metrics.jsonl", "summary.json", "curves.png", "verl_metrics.jsonl"):

@@ -16,7 +16,7 @@
 
 Names, shapes and dtypes are those of compressed-tensors 0.20's `NVFP4PackedCompressor` /
 `MXFP4PackedCompressor` and of vLLM's `CompressedTensorsW4A16Fp4` / `CompressedTensorsW4A16Mxfp4`
-schemes (docs/EXPORT.md says which versions were checked). The codes, block scales and global
+schemes (docs/guides/EXPORT.md says which versions were checked). The codes, block scales and global
 scale written are exactly those `Nvfp4Quantizer` / `Mxfp4Quantizer` compute, so the weights
 vLLM (and compressed-tensors' decompressor) reconstruct equal our `fake_quant` bit for bit.
 

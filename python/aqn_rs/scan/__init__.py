@@ -19,7 +19,7 @@ header (not through a memory map, whose touched pages would stay resident and co
 the process), so a weights-only scan holds about one tensor at a time. GGUF files are the
 exception: transformers dequantizes the whole model when it reads one.
 
-Per layer and format (docs/SCANNER.md defines every number): SQNR, relative error, max abs
+Per layer and format (docs/guides/SCANNER.md defines every number): SQNR, relative error, max abs
 error, deadzone and saturation fractions, the E2M1 code histogram, block-scale statistics and
 the gain scan. On the CPU the reductions run in the Rust core (`aqn_core::scan`, one pass, no
 quantized copy, bit-deterministic); on CUDA they are torch reductions over the outputs of our

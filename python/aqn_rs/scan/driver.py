@@ -73,7 +73,7 @@ def scan(
         progress: show a progress bar on stderr.
 
     Returns:
-        The results dict (schema `SCHEMA` version `SCHEMA_VERSION`, docs/SCANNER.md).
+        The results dict (schema `SCHEMA` version `SCHEMA_VERSION`, docs/guides/SCANNER.md).
     """
     import torch
 

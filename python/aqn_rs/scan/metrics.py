@@ -21,7 +21,7 @@ DTYPES = ("keep", "bfloat16", "float16", "float32")
 # An element whose scaled value |x / d| exceeds E2M1's largest magnitude is clipped.
 F4_E2M1_MAX = E2M1_MAX
 # A probe counts as "in the deadzone" / "saturated" at a rung when at least this fraction of
-# the blocks zero / clip it: the median block's threshold (docs/SCANNER.md, "Gain scan").
+# the blocks zero / clip it: the median block's threshold (docs/guides/SCANNER.md, "Gain scan").
 EDGE_FRACTION = 0.5
 
 # Projection types by the module's last name component (transformers and vLLM spellings).
@@ -279,8 +279,8 @@ def _crossing(ladder: Sequence[float], frac: Sequence[float], j: int) -> float:
 
 
 def _edges(ladder: Sequence[float], dead: Sequence[float], clip: Sequence[float]) -> Dict[str, Optional[float]]:
-    """Thresholds of the gain scan (docs/SCANNER.md): the deadzone edge is where the fraction of
-    blocks that zero the probe falls through EDGE_FRACTION (the median block's deadzone), the
+    """Thresholds of the gain scan (docs/guides/SCANNER.md): the deadzone edge is where the fraction
+    of blocks that zero the probe falls through EDGE_FRACTION (the median block's deadzone), the
     saturation edge where the fraction that clip it rises through it, the onset where the first
     block clips. Edges are interpolated between rungs in log r; None when never crossed."""
     n = len(ladder)
@@ -299,7 +299,7 @@ def _edges(ladder: Sequence[float], dead: Sequence[float], clip: Sequence[float]
 def gain_curves(response_sum: Sequence[float], probe_dead: Sequence[int], probe_clipped: Sequence[int],
                 blocks: int, ladder: Optional[Sequence[float]] = None) -> Dict[str, Any]:
     """Mean response, gain (its slope between rungs), dead/clip fractions and the thresholds
-    from pooled gain-scan sums (docs/SCANNER.md, "Gain scan")."""
+    from pooled gain-scan sums (docs/guides/SCANNER.md, "Gain scan")."""
     ladder = list(ladder or gain_ladder())
     if blocks <= 0:
         return {"blocks": 0, "response": None, "gain": None, "dead_frac": None, "clip_frac": None,
@@ -316,7 +316,8 @@ def gain_curves(response_sum: Sequence[float], probe_dead: Sequence[int], probe_
 
 
 def metrics_from_raw(raw: Dict[str, Any], spec: FormatSpec, curves: bool = True) -> Dict[str, Any]:
-    """The per-layer metrics of one format from raw sums and counts (docs/SCANNER.md, "Metrics").
+    """The per-layer metrics of one format from raw sums and counts
+    (docs/guides/SCANNER.md, "Metrics").
 
     Args:
         raw: from `rust_raw_stats` or `torch_raw_stats`.

@@ -1,6 +1,6 @@
 """aqn-rs as a verl plugin: W4A16 fake quant and AQN in verl's GRPO/PPO runs, without a fork.
 
-Load it in every verl process with two settings (docs/VERL.md has a copy-paste command)::
+Load it in every verl process with two settings (docs/guides/VERL.md has a copy-paste command)::
 
     actor_rollout_ref.model.external_lib=aqn_rs.integrations.verl
     +ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=aqn_rs.integrations.verl

@@ -29,7 +29,7 @@ NOISE_BLOCK = "trainer.noise_injection"
 DEFAULT_EXCLUDE = list(_DEFAULT_EXCLUDE)
 QUANT_DEFAULTS: Dict[str, Any] = {
     "format": "none",  # none | mxfp4 | nvfp4
-    "scale_mode": "floor",  # MXFP4 only (docs/FORMATS.md)
+    "scale_mode": "floor",  # MXFP4 only (docs/reference/FORMATS.md)
     "injection_point": "weight",  # W4A16; vLLM computes on dense weights, so weight only
     "layer_types": ["linear"],
     "exclude": DEFAULT_EXCLUDE,

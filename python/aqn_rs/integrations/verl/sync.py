@@ -70,7 +70,7 @@ def quant_sync(
     # (one read of w and of q(w) per tensor, f32 sums per CTA, one float64 fold per batch),
     # elsewhere by torch's multi-tensor (`_foreach_*`) kernels (a subtraction and two norms).
     # Per tensor, casts to f32, a subtraction and two sums were ~10 launches and ~90% of this
-    # function's time on a 1.5B model (docs/BENCHMARKS.md). `w - q` is exact in the weights'
+    # function's time on a 1.5B model (docs/results/BENCHMARKS.md). `w - q` is exact in the weights'
     # own dtype (q is w rounded to a coarser grid, so q/2 <= w <= 2q, or q == 0: Sterbenz), and
     # the sums accumulate in f32. A batch holds at most _STATS_BATCH_BYTES of weights, which
     # bounds the memory the statistics keep alive.
