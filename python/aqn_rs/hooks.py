@@ -57,9 +57,13 @@ def _quantizer_for(fmt: str, scale_mode: str) -> _Quantizer:
 @torch.library.custom_op("aqn_rs::fake_quant", mutates_args=())
 def fake_quant_op(x: Tensor, fmt: str, scale_mode: str, ste: str, amax: Optional[Tensor] = None) -> Tensor:
     """Fake quant as a torch op (CPU and CUDA). Backward: STE (`ste` = identity | clipped)."""
-    q = _quantizer_for(fmt, scale_mode)
+    return _fake_quant_with(_quantizer_for(fmt, scale_mode), x, amax)
+
+
+def _fake_quant_with(q: _Quantizer, x: Tensor, amax: Optional[Tensor]) -> Tensor:
+    """The op's implementation, also called directly where autograd is off (the weight cache)."""
     x = x.contiguous()
-    if fmt == "nvfp4":
+    if q.format == "nvfp4":
         return q.fake_quant(x, amax=amax)
     return q.fake_quant(x)
 
@@ -375,11 +379,6 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
     # implementation itself: the same quantizer the op builds from (fmt, mode), without the
     # custom op's Python dispatch on every cache miss.
     direct = _quantizer_for(fmt, mode)
-    nvfp4 = fmt == "nvfp4"
-
-    def compute_q(wd: Tensor, amax: Optional[Tensor]) -> Tensor:
-        wd = wd.contiguous()
-        return direct.fake_quant(wd, amax=amax) if nvfp4 else direct.fake_quant(wd)
 
     def weight_q(w: Tensor) -> Tensor:
         if not q_weight:
@@ -387,7 +386,7 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
         amax = group.get() if group is not None else None
         if cache is not None and not torch.compiler.is_compiling():
             extra = group.key if group is not None else ()
-            qw = cache.get(w, lambda wd: compute_q(wd, amax), extra)
+            qw = cache.get(w, lambda wd: _fake_quant_with(direct, wd, amax), extra)
             if torch.is_grad_enabled() and w.requires_grad:
                 if ste == "identity":
                     return cache.link(w, qw)
