@@ -85,6 +85,21 @@ def _check(x: Any, what: str = "x") -> Tuple[str, int]:
     return tag, dev
 
 
+def _check_alike(op: str, named: List[Tuple[Any, str]]) -> Tuple[str, int]:
+    """`_check` of every `(tensor, name)` of a multi-tensor call, which takes one dtype and one
+    device: their (dtype tag, device index)."""
+    x0, name0 = named[0]
+    tag, dev = _check(x0, name0)
+    for t, what in named[1:]:
+        tt, d = _check(t, what)
+        if tt != tag or d != dev:
+            raise ValueError(
+                f"{op}: {what} is {t.dtype} on cuda:{d}, {name0} {x0.dtype} on cuda:{dev}; "
+                "one dtype and one device for all"
+            )
+    return tag, dev
+
+
 def _rows_k(shape) -> Tuple[int, int]:
     if len(shape) == 0:
         raise ValueError("a 0-d tensor has no last dimension to block; reshape it to [1] first")
@@ -133,14 +148,7 @@ def amax_many(xs: List[Any]):
 
     if not xs:
         raise ValueError("amax_many needs at least one tensor")
-    tag, dev = _check(xs[0])
-    for i, x in enumerate(xs[1:], 1):
-        t, d = _check(x, f"tensor {i}")
-        if t != tag or d != dev:
-            raise ValueError(
-                f"amax_many: tensor {i} is {x.dtype} on cuda:{d}, tensor 0 {xs[0].dtype} on cuda:{dev}; "
-                "one dtype and one device for all"
-            )
+    tag, dev = _check_alike("amax_many", [(x, f"tensor {i}") for i, x in enumerate(xs)])
     out = torch.empty((), dtype=torch.float32, device=xs[0].device)
     s = torch.empty(_AMAX_SCRATCH * len(xs), dtype=torch.float32, device=xs[0].device)
     _rs.cuda_amax_many(
@@ -159,15 +167,9 @@ def sq_err_many(xs: List[Any], ys: List[Any]):
 
     if not xs or len(xs) != len(ys):
         raise ValueError(f"sq_err_many needs pairs: got {len(xs)} x and {len(ys)} y tensors")
-    tag, dev = _check(xs[0])
+    named = [(t, f"{side} {i}") for i, pair in enumerate(zip(xs, ys)) for side, t in zip("xy", pair)]
+    tag, dev = _check_alike("sq_err_many", named)
     for i, (x, y) in enumerate(zip(xs, ys)):
-        for t, what in ((x, f"x {i}"), (y, f"y {i}")):
-            tt, d = _check(t, what)
-            if tt != tag or d != dev:
-                raise ValueError(
-                    f"sq_err_many: {what} is {t.dtype} on cuda:{d}, x 0 {xs[0].dtype} on cuda:{dev}; "
-                    "one dtype and one device for all"
-                )
         if x.numel() != y.numel():
             raise ValueError(f"sq_err_many: pair {i} has {x.numel()} and {y.numel()} elements")
     out = torch.empty(len(xs) * 2 * _AMAX_SCRATCH, dtype=torch.float32, device=xs[0].device)
