@@ -2,7 +2,7 @@
 
 `quantize_model(model, quantizer, ...)` makes the selected `nn.Linear` (and optionally
 `nn.Embedding`) modules compute with fake-quantized weights (W4A16), inputs (W16A4) or both
-(W4A4). Design, and the research plan's bugs it avoids (shared/DESIGN.md):
+(W4A4). Design, and the bugs of the research plan's original fork it avoids:
 
 * The master weight is never written. The plan's fork swapped `module.weight.data` in a
   pre-hook and restored it in a backward hook, which never fires under `no_grad` (log-prob
@@ -17,13 +17,13 @@
   update bumps `_version` and invalidates it. Under FSDP (detected at install time) and under
   `torch.compile` the cache is off.
 * A cached value serves every later forward, whatever its grad mode, so it is always made the
-  same way: detached, outside autograd and outside `inference_mode` (`_normal_tensor`). A value
+  same way: detached, outside autograd and outside `inference_mode` (`normal_tensor`). A value
   made under `inference_mode` would be an inference tensor: a training forward that reused it
   would get no gradient on the weight (autograd cannot record an op on it) or fail to save it
-  for backward. The gradient never goes through the cached value: `_STELink` returns it and
+  for backward. The gradient never goes through the cached value: `STELink` returns it and
   routes the output's gradient to the master weight (identity or clipped STE).
-* The op is a `torch.library` custom op (`torch.ops.aqn_rs.fake_quant`) with a fake
-  implementation and an autograd formula, so `torch.compile(fullgraph=True)` traces it whole.
+* The op is `torch.ops.aqn_rs.fake_quant` (`aqn_rs.ops`: a custom op with a fake
+  implementation and an autograd formula), so `torch.compile(fullgraph=True)` traces it whole.
 """
 
 from __future__ import annotations
@@ -39,137 +39,14 @@ from torch import Tensor
 
 from .aqn import AqnNoise
 from .constants import DEFAULT_EXCLUDE, INJECTION_POINTS, STE_MODES
+from .ops import STELink, fake_quant_with, normal_tensor, quantizer_for
+
+# The op's public names, importable from here as they were when the op lived in this module.
+from .ops import clipped_ste_grad as clipped_ste_grad
+from .ops import fake_quant as fake_quant
+from .ops import fake_quant_op as fake_quant_op
 from .quantizers import Mxfp4Quantizer, Nvfp4Quantizer, _Quantizer
 from .selection import ModuleSelector, fused_weight_groups
-
-
-def _quantizer_for(fmt: str, scale_mode: str) -> _Quantizer:
-    if fmt == "mxfp4":
-        return Mxfp4Quantizer(scale_mode)
-    if fmt == "nvfp4":
-        return Nvfp4Quantizer()
-    raise ValueError(f"unknown format {fmt!r}; expected 'mxfp4' or 'nvfp4'")
-
-
-# ---- the custom op -------------------------------------------------------------------------
-
-
-@torch.library.custom_op("aqn_rs::fake_quant", mutates_args=())
-def fake_quant_op(x: Tensor, fmt: str, scale_mode: str, ste: str, amax: Optional[Tensor] = None) -> Tensor:
-    """Fake quant as a torch op (CPU and CUDA). Backward: STE (`ste` = identity | clipped)."""
-    return _fake_quant_with(_quantizer_for(fmt, scale_mode), x, amax)
-
-
-def _fake_quant_with(q: _Quantizer, x: Tensor, amax: Optional[Tensor]) -> Tensor:
-    """The op's implementation, also called directly where autograd is off (the weight cache)."""
-    x = x.contiguous()
-    if q.format == "nvfp4":
-        return q.fake_quant(x, amax=amax)
-    return q.fake_quant(x)
-
-
-@fake_quant_op.register_fake
-def _(x, fmt, scale_mode, ste, amax=None):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _block_top(x: Tensor, fmt: str, scale_mode: str, amax: Optional[Tensor]) -> Tensor:
-    """Per element, the top of its block's grid (6 * decode scale): values above it were clipped."""
-    q = _quantizer_for(fmt, scale_mode)
-    x = x.detach().contiguous()
-    t = q.quantize(x, amax=amax) if fmt == "nvfp4" else q.quantize(x)
-    s = t.scales
-    if fmt == "mxfp4":
-        d = torch.ldexp(torch.ones_like(s, dtype=torch.float32), s.to(torch.int32) - 127)
-        d = torch.where(s == 255, torch.nan, d)
-    else:
-        d = s.view(torch.float8_e4m3fn).float() / t.global_scale.to(s.device)
-    block = q.block_size
-    top = (6.0 * d).repeat_interleave(block, dim=-1)[..., : x.shape[-1]]
-    return top
-
-
-def _setup_context(ctx, inputs, output):
-    x, fmt, scale_mode, ste, amax = inputs
-    ctx.ste = ste
-    if ste == "clipped":
-        ctx.fmt, ctx.scale_mode = fmt, scale_mode
-        ctx.save_for_backward(x, amax)
-
-
-@torch.library.custom_op("aqn_rs::clipped_ste_grad", mutates_args=())
-def clipped_ste_grad(grad: Tensor, x: Tensor, fmt: str, scale_mode: str, amax: Optional[Tensor] = None) -> Tensor:
-    """The clipped STE's gradient: `grad` where `|x|` is within its block's grid, else 0. An
-    opaque op of its own because the block scales come from the quantizer's kernels, which
-    `torch.compile`'s backward tracing (fake tensors) cannot enter."""
-    keep = x.abs() <= _block_top(x, fmt, scale_mode, amax)
-    return grad * keep.to(grad.dtype)
-
-
-@clipped_ste_grad.register_fake
-def _(grad, x, fmt, scale_mode, amax=None):
-    return torch.empty_like(grad)
-
-
-def _backward(ctx, grad):
-    if ctx.ste == "identity":
-        return grad, None, None, None, None
-    x, amax = ctx.saved_tensors
-    return torch.ops.aqn_rs.clipped_ste_grad(grad, x, ctx.fmt, ctx.scale_mode, amax), None, None, None, None
-
-
-torch.library.register_autograd("aqn_rs::fake_quant", _backward, setup_context=_setup_context)
-
-
-class _STELink(torch.autograd.Function):
-    """Returns the cached fake-quantized weight `q` while routing the gradient to `w`: unchanged
-    (`ste="identity"`) or zeroed where `w` was clipped at the top of its block's grid
-    (`"clipped"`; the mask is computed in backward from the saved `w`, so the forward reuses the
-    cache in both modes). The same gradient as `torch.ops.aqn_rs.fake_quant(w, ...)`'s."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, q: Tensor, fmt: str, scale_mode: str, ste: str, amax: Optional[Tensor]) -> Tensor:
-        ctx.ste = ste
-        if ste == "clipped":
-            ctx.fmt, ctx.scale_mode = fmt, scale_mode
-            ctx.save_for_backward(w, amax)
-        return q.view_as(q)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        if ctx.ste == "identity":
-            return grad, None, None, None, None, None
-        w, amax = ctx.saved_tensors
-        return torch.ops.aqn_rs.clipped_ste_grad(grad, w, ctx.fmt, ctx.scale_mode, amax), None, None, None, None, None
-
-
-def _normal_tensor(compute, *args) -> Tensor:
-    """`compute(*args)` outside autograd and, if it is on, outside `inference_mode`: a value
-    that is cached and served to later forwards must be a normal tensor (an inference tensor
-    handed to a training forward silently cuts the weight's gradient). Leaving inference mode
-    for one op costs nothing measurable; the inputs are the module's (normal) parameters."""
-    with torch.inference_mode(False), torch.no_grad():
-        return compute(*args)
-
-
-def fake_quant(x: Tensor, quantizer: _Quantizer, ste: str = "identity", amax: Optional[Tensor] = None) -> Tensor:
-    """Differentiable fake quant of a torch tensor (STE backward).
-
-    Args:
-        x: float32/bfloat16/float16 tensor on CPU or CUDA.
-        quantizer: an `Mxfp4Quantizer` or `Nvfp4Quantizer`.
-        ste: "identity" (gradient passes unchanged) or "clipped" (zero where clipped at the
-            top of the block's grid).
-        amax: optional NVFP4 tensor amax (0-d tensor).
-
-    Returns:
-        The fake-quantized tensor, same shape and dtype.
-    """
-    if ste not in STE_MODES:
-        raise ValueError(f"unknown ste {ste!r}; expected one of {STE_MODES}")
-    mode = getattr(quantizer, "scale_mode", "floor")
-    return torch.ops.aqn_rs.fake_quant(x, quantizer.format, mode, ste, amax)
-
 
 # ---- module wrapping -----------------------------------------------------------------------
 
@@ -188,7 +65,7 @@ class _WeightCache:
     """Detached fake-quantized weight per (data_ptr, _version, shape, dtype, device, extra).
 
     `extra` carries what else the value depends on (the fused group's amax version). The value
-    is computed by `_normal_tensor`, so one computed under `no_grad` or `inference_mode` serves
+    is computed by `normal_tensor`, so one computed under `no_grad` or `inference_mode` serves
     a training forward and the other way round. A weight that is itself an inference tensor
     has no version counter: it is never cached."""
 
@@ -208,7 +85,7 @@ class _WeightCache:
         key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, extra)
         if key != self.key:
             self.key, self.value, self.linked = None, None, None  # a failed compute leaves no stale entry
-            self.value = _normal_tensor(compute, w.detach())
+            self.value = normal_tensor(compute, w.detach())
             self.key = key
             self.misses += 1
         else:
@@ -264,7 +141,7 @@ class _GroupAmax:
             with torch.no_grad():
                 return self._amax()
         # cached and saved for the clipped STE's backward: a normal tensor in every grad mode
-        return _normal_tensor(self._amax)
+        return normal_tensor(self._amax)
 
     def get(self) -> Tensor:
         # Every member's forward asks, so this runs three times per q/k/v group per forward
@@ -375,10 +252,10 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
     q_weight = injection_point in ("weight", "both")
     q_act = injection_point in ("activation", "both")
 
-    # The cached path computes outside autograd (`_normal_tensor`), so it calls the op's
+    # The cached path computes outside autograd (`normal_tensor`), so it calls the op's
     # implementation itself: the same quantizer the op builds from (fmt, mode), without the
     # custom op's Python dispatch on every cache miss.
-    direct = _quantizer_for(fmt, mode)
+    direct = quantizer_for(fmt, mode)
 
     def weight_q(w: Tensor) -> Tensor:
         if not q_weight:
@@ -386,11 +263,11 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
         amax = group.get() if group is not None else None
         if cache is not None and not torch.compiler.is_compiling():
             extra = group.key if group is not None else ()
-            qw = cache.get(w, lambda wd: _fake_quant_with(direct, wd, amax), extra)
+            qw = cache.get(w, lambda wd: fake_quant_with(direct, wd, amax), extra)
             if torch.is_grad_enabled() and w.requires_grad:
                 if ste == "identity":
                     return cache.link(w, qw)
-                return _STELink.apply(w, qw, fmt, mode, ste, amax)
+                return STELink.apply(w, qw, fmt, mode, ste, amax)
             return qw
         return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, amax)
 

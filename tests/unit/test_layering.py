@@ -2,7 +2,8 @@
 
     constants, errors, models, _plot, _aqn_rs          (bottom floor)
       -> reference, selection, quantizers, _cuda, aqn  (the formats, the selector, the noise)
-      -> hooks                                         (quantize_model, attach_noise)
+      -> ops, hooks                                    (the fake-quant op and its STE;
+                                                          quantize_model, attach_noise)
       -> checkpoint, export, scan, integrations,       (what is built on the hooks: the one
          experiments                                    checkpoint reader, the export, ...)
       -> cli, experiments.cli, the package root        (the command line, its old
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2] / "python" / "aqn_rs"
 FLOORS: Dict[str, int] = {
     "_aqn_rs": 0, "constants": 0, "errors": 0, "models": 0, "_plot": 0,
     "reference": 1, "selection": 1, "quantizers": 1, "_cuda": 1, "aqn": 1,
-    "hooks": 2,
+    "ops": 2, "hooks": 2,
     "checkpoint": 3, "export": 3, "scan": 3, "integrations": 3, "experiments": 3,
     "experiments.cli": 4, "cli": 4, "__main__": 4, "": 4,
 }
