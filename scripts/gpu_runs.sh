@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The research plan's five runs on one GPU (issue 5's acceptance), for a machine with no
-# network (the device tool's H100/H200). Stages, run in this order:
+# The research plan's five runs on one GPU (the comparison in docs/results/RESULTS.md), for a
+# machine with no network (the device tool's H100/H200). Stages, run in this order:
 #
 #   here (CPU, network):   bash scripts/gpu_runs.sh prepare
 #       -> .whl/gpu1..3 (each <= 62 MB, under the 64 MiB carry limit): the
