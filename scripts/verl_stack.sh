@@ -137,10 +137,10 @@ aqn_wheel() {
         fi
         rm -rf "$so"
     done
-    echo "== building the aqn_rs wheel (CUDA kernels; see TOOLCHAIN.md)" >&2
+    echo "== building the aqn_rs wheel (CUDA kernels, with the nvcc pinned in pyproject.toml)" >&2
     rm -f .whl/aqn_rs-*.whl
     "$PY" -m maturin build --release --zig --compatibility manylinux_2_17 -o .whl >&2 \
-        || die "wheel build failed: build it as TOOLCHAIN.md says and put it in .whl/"
+        || die "wheel build failed: build it with maturin and the pinned nvcc, and put it in .whl/"
     ls -t .whl/aqn_rs-*.whl | head -1
 }
 
