@@ -8,7 +8,8 @@ the torch.compile'd pure-torch reference (`aqn_rs.reference`), and to verl's and
 Triton NVFP4 fake-quant kernels when importable. Also the Python-side overhead per call on a
 small tensor (host time per call less that of one checked launch through the binding with no
 glue or allocation: `_aqn_rs.cuda_amax` of an empty tensor, both timed in the run), and the
-targets of issue 3 with pass/fail.
+kernel targets (ratios to the copy, the per-call overhead; docs/results/BENCHMARKS.md) with
+pass/fail.
 
 Timing: `triton.testing.do_bench` (CUDA events, L2 flushed before every call, median).
 
@@ -392,8 +393,8 @@ def main():
         torch.cuda.empty_cache()
     say()
 
-    # --- Targets of issue 3 -----------------------------------------------------------------
-    say("## Targets (issue 3)")
+    # --- The kernel targets ------------------------------------------------------------------
+    say("## Kernel targets")
     say()
     ok_all = True
 

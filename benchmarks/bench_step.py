@@ -2,7 +2,7 @@
 """Training-step time (forward + backward + optimizer step) of a random-init Llama-style
 model: no quantization vs W4A16 MXFP4 / NVFP4 (aqn_rs.quantize_model) vs W4A16 NVFP4 + AQN on
 RMSNorm weights vs verl 0.9.1's own W4A16 NVFP4 `QATLinear`, on one model and batch, with the
-overhead over the unquantized step. The issue's goal: <= 3% overhead for W4A16 on a
+overhead over the unquantized step. The target: <= 3% overhead for W4A16 on a
 ~1B-parameter model on an H100.
 
 Each round measures, for each micro-batch count (`--micro`: the batch split into N

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device-tool call for the GPU acceptance items of the torch layer, export and scanner
-# issues (4, 7, 8), plus the GPU tests of every layer. Run from the repo root on the GPU
+# One device-tool call for the GPU acceptance items of the torch layer, the export and the
+# scanner, plus the GPU tests of every layer. Run from the repo root on the GPU
 # machine with the compiled extension carried in place (python/aqn_rs/_aqn_rs.abi3.so, built
 # here with the pinned nvcc: `maturin develop --release`), e.g.
 #   run(command="bash scripts/gpu_acceptance.sh", carry=["python/aqn_rs/_aqn_rs.abi3.so"])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The research plan's five runs on one GPU (issue 5's acceptance), for a machine with no
-# network (the device tool's H100/H200). Stages, run in this order:
+# The research plan's five runs on one GPU (the comparison in docs/results/RESULTS.md), for a
+# machine with no network (the device tool's H100/H200). Stages, run in this order:
 #
 #   here (CPU, network):   bash scripts/gpu_runs.sh prepare
 #       -> .whl/gpu1..3 (each <= 62 MB, under the 64 MiB carry limit): the
@@ -24,7 +24,8 @@ STASH=${STASH:-$HOME/stash}
 SITE=$STASH/site
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 PART_BYTES=${PART_BYTES:-62000000}
-# Wheels the GPU image lacks (TOOLCHAIN.md), at the versions tested here (CPython 3.12, x86_64).
+# Wheels the GPU image lacks (it has torch, transformers, accelerate, peft; not trl, datasets or
+# gguf), at the versions tested here (CPython 3.12, x86_64).
 CORE_WHEELS="trl==1.16.0 datasets==5.2.0 gguf==0.19.0 pyarrow==26.0.1 pandas==3.1.1 dill==0.4.1
   xxhash==4.1.0 multiprocess==0.70.19 fsspec==2026.9.0 tzdata==2026.6 psutil==7.2.2"
 # Installed only if `import datasets, trl` fails without them (the image's own hub may do).
@@ -43,10 +44,10 @@ prepare() {
     whl=$(ls -t .whl/aqn_rs-*.whl 2>/dev/null | head -1 || true)
     if [ -z "$whl" ] || [ -n "${REBUILD:-}" ] || \
        [ -n "$(find src crates cuda build.rs Cargo.toml -newer "$whl" -type f 2>/dev/null | head -1)" ]; then
-        echo "== building the aqn_rs wheel (CUDA kernels; see TOOLCHAIN.md)"
+        echo "== building the aqn_rs wheel (CUDA kernels, with the nvcc pinned in pyproject.toml)"
         rm -f .whl/aqn_rs-*.whl
         "$PY" -m maturin build --release --zig --compatibility manylinux_2_17 -o .whl \
-            || die "wheel build failed: build it as TOOLCHAIN.md says and put it in .whl/"
+            || die "wheel build failed: build it with maturin and the pinned nvcc, and put it in .whl/"
     fi
     local tmp=.whl/gpu-staging
     rm -rf "$tmp" .whl/gpu[0-9]* && mkdir -p "$tmp/core" "$tmp/extra"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real verl 0.9.1 + Ray 2.60.0 + vLLM 0.24.0 stack on a GPU machine with no network and no
-# rustc (the device tool's H100/H200: torch 2.11.0+cu130, Python 3.12), after
-# /work/shared/VLLM_ON_DEVICE.md. Stages, in this order:
+# rustc (the device tool's H100/H200: torch 2.11.0+cu130, Python 3.12); docs/guides/VERL.md
+# ("The real stack on the GPU machine") says what it runs and what it found. Stages, in this order:
 #
 #   here (CPU, network):   bash scripts/verl_stack.sh prepare
 #       -> .whl/stack1 .. .whl/stackK: one .tar.xz (slimmed vllm and ray trees, the wheels verl,
@@ -69,7 +69,8 @@ PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --p
   --platform manylinux_2_31_x86_64 --platform any"
 # Installed as trees (unzipped and slimmed here, copied into site there): vllm and ray.
 TREE_WHEELS="vllm==0.24.0 ray==2.60.0"
-# VLLM_ON_DEVICE.md's lists, at its versions: vLLM's imported dependencies, then the server path.
+# What vLLM 0.24.0 imports, no more (installed with --no-deps, so these pins are the ones checked
+# beside it): its imported dependencies, then the server path verl uses.
 VLLM_DEPS="pydantic==2.14.4 pydantic_core==2.50.5 typing_inspection==0.4.5 annotated_types==0.8.0 cbor2==6.3.0
   pyzmq==27.3.0 openai_harmony==0.0.8 openai==3.63.0 httpx2==2.17.0 httpcore2==2.17.0 sniffio==1.3.1
   msgspec==0.23.0 pybase64==1.5.1 cachetools==8.0.2 llguidance==1.7.6 xgrammar==0.2.7 apache_tvm_ffi==0.1.10
@@ -91,7 +92,7 @@ HF_PIN="transformers==5.9.0 tokenizers==0.22.2"
 CORE_WHEELS="gguf==0.19.0 xxhash==4.1.0 fsspec==2026.9.0 tzdata==2026.6 psutil==7.2.2"
 BIG_CORE_WHEELS="pyarrow==26.0.1 pandas==3.1.1"
 SDISTS="antlr4-python3-runtime==4.9.3"   # no wheel on PyPI: built here with pip wheel (pure Python)
-# The slimming VLLM_ON_DEVICE.md verified (vLLM only warns about the missing MoE module).
+# The slimming verified on an H100 (vLLM only warns about the missing MoE module).
 # vllm-rs is the Rust HTTP frontend, started only with VLLM_USE_RUST_FRONTEND=1 (vllm/envs.py).
 VLLM_DROP="vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.so vllm/vllm-rs"
 # Ray's Java worker jar (34 MB; services.py starts Java workers only if java and the jars exist)
@@ -136,10 +137,10 @@ aqn_wheel() {
         fi
         rm -rf "$so"
     done
-    echo "== building the aqn_rs wheel (CUDA kernels; see TOOLCHAIN.md)" >&2
+    echo "== building the aqn_rs wheel (CUDA kernels, with the nvcc pinned in pyproject.toml)" >&2
     rm -f .whl/aqn_rs-*.whl
     "$PY" -m maturin build --release --zig --compatibility manylinux_2_17 -o .whl >&2 \
-        || die "wheel build failed: build it as TOOLCHAIN.md says and put it in .whl/"
+        || die "wheel build failed: build it with maturin and the pinned nvcc, and put it in .whl/"
     ls -t .whl/aqn_rs-*.whl | head -1
 }
 
@@ -203,7 +204,7 @@ PYEOF
     unzip -q "$st"/dl/vllm-*.whl -d "$t"
     unzip -q "$st"/dl/ray-*.whl -d "$t"
     for f in $VLLM_DROP $RAY_DROP; do
-        [ -e "$t/$f" ] || die "no $f in the vllm/ray wheel: check VLLM_ON_DEVICE.md against these versions"
+        [ -e "$t/$f" ] || die "no $f in the vllm/ray wheel: check VLLM_DROP / RAY_DROP against these versions"
         rm -r "${t:?}/$f"
     done
     # shellcheck disable=SC2086

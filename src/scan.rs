@@ -1,7 +1,7 @@
 //! Python binding of `aqn_core::scan` (the SRDD scanner's metric reductions): converts the
-//! input buffer and returns the raw sums and counts as a dict; `python/aqn_rs/scan.py` derives
-//! the metrics from them. The GIL is released around the pass, so other Python threads run
-//! while a large tensor is scanned.
+//! input buffer and returns the raw sums and counts as a dict; `python/aqn_rs/scan/metrics.py`
+//! (`metrics_from_raw`) derives the metrics from them. The GIL is released around the pass, so
+//! other Python threads run while a large tensor is scanned.
 
 use aqn_core::scan::{self, TensorScan};
 use aqn_core::ScaleMode;

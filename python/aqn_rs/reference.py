@@ -1,9 +1,9 @@
 """Pure-torch reference for MXFP4 and NVFP4: the ground truth the tests compare against.
 
-Every function here is written directly from the rules in ``docs/reference/FORMATS.md`` (which
-refines the normative ``shared/DESIGN.md``), not from the Rust core or the CUDA kernels, so that a
-bit-exact match between this module and the fast paths is evidence that both follow the
-contract. Section names in the comments (``FORMATS.md §E4M3`` ...) point at the rule used.
+Every function here is written directly from the rules in ``docs/reference/FORMATS.md`` (the
+formats' contract), not from the Rust core or the CUDA kernels, so that a bit-exact match
+between this module and the fast paths is evidence that both follow the contract. Section
+names in the comments (``FORMATS.md §E4M3`` ...) point at the rule used.
 
 Conventions (FORMATS.md, "Notation"):
 

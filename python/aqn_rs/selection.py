@@ -1,5 +1,5 @@
-"""Module selection: which modules of a model are quantized or noised (DESIGN.md, "Module
-selection").
+"""Module selection: which modules of a model are quantized or noised, by the rules stated
+below.
 
 The decision itself is made in Rust (`ModuleSelector`, from `aqn_core::selector`) on a module's
 qualified name and class name, so transformers and vLLM models are handled alike and no model

@@ -37,7 +37,7 @@ def need(module: str, why: str = ""):
 
 # ---- presets ---------------------------------------------------------------------------------
 
-# The plan's table (shared/DESIGN.md): format, AQN layer, sigma_start, sigma_end.
+# The plan's table (docs/guides/EXPERIMENTS.md, "Presets"): format, AQN layer, sigma_start, sigma_end.
 EXPECTED = {
     "baseline": (None, None, None, None),
     "mxfp4-only": ("mxfp4", None, None, None),
@@ -358,7 +358,7 @@ TINY = ["--gpus", "0", "--steps", "3",
 
 
 def qerl_sigma(step, s0, s1, k, t):
-    """QeRL's schedule, written out independently (DESIGN.md, float64)."""
+    """QeRL's schedule, written out independently (docs/reference/NOISE.md, float64)."""
     trend = s0 * (s1 / s0) ** (np.arange(k - 1) / (k - 2))
     interval = int(min(step, t) // (t / k))
     return 0.0 if interval == 0 else float(trend[min(interval - 1, k - 2)])

@@ -1,4 +1,5 @@
-"""The package API against the pure-torch reference, bit for bit (STYLE.md §8, layers 1-2).
+"""The package API against the pure-torch reference, bit for bit (the numerics tests' first two
+layers: exact tables, then bit-exact against the reference; the third is test_error_table.py).
 
 Layer 1 pins the reference itself to exact tables taken from docs/reference/FORMATS.md (ties to
 even, saturation, the scale-mode table). Layer 2 compares ``aqn_rs.Mxfp4Quantizer`` /
@@ -351,7 +352,7 @@ def test_0d_is_an_error():
 
 
 def test_non_contiguous_input_is_handled_or_a_clear_error():
-    # DESIGN.md: non-contiguous inputs are either handled or a clear error
+    # a non-contiguous input is either handled or a clear error, never read in the wrong order
     x = torch.randn(64, 48).t()
     for q in (aqn_rs.Mxfp4Quantizer(), aqn_rs.Nvfp4Quantizer()):
         try:

@@ -202,8 +202,8 @@ def test_fused_groups_share_one_global_scale(tmp_path):
 @pytest.mark.parametrize("fmt,mode,fuse", [("nvfp4", None, True), ("nvfp4", None, False), ("mxfp4", "even", False)])
 def test_bytes_equal_compressed_tensors_compressor_for_f32(tmp_path, fmt, mode, fuse):
     """For f32 weights our codes, block scales and global scales are compressed-tensors' own
-    (DESIGN.md: its NVFP4 arithmetic; its MXFP4 scale is our `even` mode; `fuse` = llm-compressor's
-    fused global scales). So the two checkpoints are identical tensor for tensor."""
+    (docs/guides/EXPORT.md: its NVFP4 arithmetic; its MXFP4 scale is our `even` mode; `fuse` =
+    llm-compressor's fused global scales). So the two checkpoints are identical tensor for tensor."""
     theirs = load_dir(ct_compress(tiny_model(), fmt, tmp_path / "ct", fuse=fuse))
     ours = load_dir(E.export_checkpoint(tiny_model(), tmp_path / "ours", fmt, mode, dtype=None, fuse_global_scales=fuse))
     assert set(ours) == set(theirs)

@@ -282,7 +282,7 @@ def test_nvfp4_global_scale_matches_generate_gparam(ref):
 @pytest.mark.parametrize("gs_from_f32_amax", [False, True], ids=["ct-bf16-gs", "f32-gs"])
 def test_nvfp4_bf16_mismatch_rate_vs_compressed_tensors(ref, gs_from_f32_amax):
     """compressed-tensors computes ``amax_b / 6`` (and, from bf16 observers, ``2688 / amax``)
-    in bf16; we stay in f32 (DESIGN.md). Bound: a relative perturbation |delta| <= 2**-8 of the
+    in bf16; we stay in f32 (FORMATS.md, NVFP4). Bound: a relative perturbation |delta| <= 2**-8 of the
     pre-rounding E4M3 scale (bf16 gs: 2**-9, bf16 b/6: 2**-9) changes the rounded scale only
     within |delta| (in log2 terms |delta|/ln 2) of one of the 8 rounding boundaries per binade,
     so for spread-out block amaxes at most 8 * 2**-8 / ln 2 = 4.5% of block scales move; a

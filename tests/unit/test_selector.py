@@ -1,6 +1,6 @@
-"""Module selection (DESIGN.md, "Module selection"): exact dotted-suffix names, shell globs with
-fnmatch semantics, verl-style `re:` patterns, layer types by class name, transformers and vLLM
-names, the deciding rule, and clear errors for bad configs."""
+"""Module selection (the rules in aqn_rs.selection's docstring): exact dotted-suffix names,
+shell globs with fnmatch semantics, verl-style `re:` patterns, layer types by class name,
+transformers and vLLM names, the deciding rule, and clear errors for bad configs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Adaptive Quantization Noise (AQN, after QeRL): the sigma schedule, the deterministic noise
-and where it is added (DESIGN.md, "AQN").
+and where it is added (docs/reference/NOISE.md).
 
 - `SigmaScheduler` (Rust, `aqn_core::schedule`): QeRL's staged exponential decay, bit for bit,
   plus linear / cosine / constant decays.

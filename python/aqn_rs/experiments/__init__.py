@@ -1,4 +1,4 @@
-"""The research plan's runs (shared/DESIGN.md) as presets, one engine per machine kind.
+"""The research plan's runs (docs/guides/EXPERIMENTS.md) as presets, one engine per machine kind.
 
 * `presets`: the declarative preset files (`aqn_rs/presets/*.yaml`), loaded and validated.
 * `data`: GSM8K-format jsonl, and a built-in arithmetic word-problem generator with a fixed

@@ -5,9 +5,10 @@ Records are `{"question": str, "answer": str}` with the answer ending in `#### <
 layout) or one jsonl file (then the last 10% of its lines, at most `eval_size`, validate).
 
 Without `--data`, the built-in generator makes easy arithmetic word problems with a fixed
-train/test split. Its difficulty sits between the two tasks measured on SmolLM2-135M (issue 5):
-single-step add/subtract problems saturate (0% -> 100% strict in 100 GRPO steps), a two-step
-task with two-digit numbers stayed at 0%. The built-in task mixes three levels so the baseline
+train/test split. Its difficulty sits between the two tasks measured on SmolLM2-135M
+(docs/guides/EXPERIMENTS.md, "The embedded default and its settings"): single-step
+add/subtract problems saturate (0% -> 100% strict in 100 GRPO steps), a two-step task with
+two-digit numbers stayed at 0%. The built-in task mixes three levels so the baseline
 has something to learn quickly (level 1) and something it cannot finish learning in a short
 run (levels 2-3), i.e. it rises from ~0 and ends well below saturation:
 

@@ -94,10 +94,11 @@ def evaluate(model, tok, records: Sequence[Dict[str, Any]], max_new_tokens: int,
 
 def sft_warmup(model, tok, records: Sequence[Dict[str, Any]], steps: int, lr: float, batch_size: int, seed: int,
                device, autocast_bf16: bool = False, log=None) -> List[float]:
-    """Supervised steps on worked answers before GRPO (issue 5: W4A16 SmolLM2 starts with so
-    little strict-format output that GRPO gets no reward signal). Trains exactly what GRPO
-    trains (all weights through the STE, or the LoRA adapters), on the same chat prompt; the
-    loss covers the answer tokens only. Returns the loss of every step.
+    """Supervised steps on worked answers before GRPO (docs/guides/EXPERIMENTS.md, "Training
+    modes": W4A16 SmolLM2 starts with so little strict-format output that GRPO gets no reward
+    signal). Trains exactly what GRPO trains (all weights through the STE, or the LoRA
+    adapters), on the same chat prompt; the loss covers the answer tokens only. Returns the
+    loss of every step.
     """
     import random
 
@@ -142,7 +143,7 @@ def sft_warmup(model, tok, records: Sequence[Dict[str, Any]], steps: int, lr: fl
 
 class NoiseDriver:
     """Drives an `aqn_rs.AqnNoise` on the policy, one noise draw per optimizer step, in the
-    phases its `apply_to` names (DESIGN.md, AQN):
+    phases its `apply_to` names (docs/reference/NOISE.md, "Where noise goes"):
 
     * `actor` / `both`: `aqn_rs.hooks.attach_noise` adds the step's noise out of place in the
       modules' forward (master weights untouched; modules in eval mode draw none). TRL

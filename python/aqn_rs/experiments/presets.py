@@ -27,7 +27,7 @@ FORMATS = TRAIN_FORMATS
 NOISE_LAYERS = ("linear", "rmsnorm")
 MODES = ("full", "lora")
 
-# The plan's presets, in the order of its table (shared/DESIGN.md).
+# The plan's presets, in the order of its table (docs/guides/EXPERIMENTS.md, "Presets").
 PRESETS = ("baseline", "mxfp4-only", "1A", "1C", "1D", "1E", "nvfp4", "nvfp4-aqn")
 
 
