@@ -238,8 +238,8 @@ def main():
         x = torch.randn(4096, 14336, device=dev).to(torch.bfloat16)
         am = x.float().abs().max()
         default = rs.cuda_set_tuning()
-        for cps, acps, pdl in [(8, 2, True), (16, 2, True), (32, 1, True), (32, 2, True), (32, 4, True),
-                               (64, 2, True), (1000, 2, True), (32, 2, False)]:
+        for cps, acps, pdl in [(8, 2, True), (16, 2, True), (32, 1, True), (32, 2, True), (32, 3, True),
+                               (32, 4, True), (32, 8, True), (64, 2, True), (1000, 2, True), (32, 2, False)]:
             rs.cuda_set_tuning(cps, acps, pdl)
             tm = bench(lambda: _cuda.fake_quant(x, "mxfp4", "floor", None))
             tg = bench(lambda: _cuda.fake_quant(x, "nvfp4", "floor", am))

@@ -11,6 +11,13 @@ micro-batches, gradients accumulated, one optimizer step per step), the unquanti
 overhead is its median ms/step over the mean of the two unquantized medians of its round.
 The summary is the median over rounds.
 
+`--micro-size N` fixes the micro-batch instead (N sequences each, the batch of a step with M
+micro-batches is M x N), as verl's `ppo_micro_batch_size_per_gpu` does. With a fixed batch
+split four ways, each micro-batch is small enough that the host (Python, launches) sets the
+step's pace: the step time then follows the host's speed, which drifts by 10-20% between
+identical variants on a shared machine, and an overhead of a few tenths of a percent cannot
+be read from it (the host-time column shows when that is the case).
+
 verl's peer: verl's `apply_qat` (every Linear but lm_head, mode w4a16, group 16) and
 `enable_qat_fuse`, as its FSDP engine applies them, and `invalidate_all_scales` after every
 optimizer step, as that engine does. From an installed verl if it imports, else from verl's
@@ -19,7 +26,8 @@ files read out of its wheel (AQN_RS_VERL_WHEEL, .ci-wheels/ or /tmp/verlwhl; `pi
 the GPU machine). Its fake quant is a Triton kernel: on CPU the column says why it is skipped.
 
 Usage (GPU): python benchmarks/bench_step.py [--layers 16 --hidden 2048 --inter 5632]
-             [--batch 8 --seq 1024] [--steps 10] [--micro 1 4] [--rounds 3] [--json out.json]
+             [--batch 8 | --micro-size 8] [--seq 1024] [--steps 10] [--micro 1 4] [--rounds 3]
+             [--json out.json]
 CPU smoke run: python benchmarks/bench_step.py --device cpu --layers 2 --hidden 128 --inter 256
              --vocab 512 --batch 4 --seq 32 --steps 2 --dtype float32
 """
@@ -234,26 +242,36 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per variant (after 2 warm-up)")
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 4], help="micro-batch counts (each divides --batch)")
+    ap.add_argument("--micro-size", type=int,
+                    help="sequences per micro-batch: the batch of M micro-batches is M x this (instead of --batch)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--profile", action="store_true",
                     help="profile one step of none / nvfp4 / mxfp4 first (launches, host time)")
     ap.add_argument("--profile-micro", type=int, default=1, help="the micro-batch count of the --profile step")
     args = ap.parse_args(argv)
-    if any(m < 1 or args.batch % m for m in args.micro):
+    if any(m < 1 for m in args.micro):
+        ap.error(f"--micro counts must be >= 1: got {args.micro}")
+    if args.micro_size is not None and args.micro_size < 1:
+        ap.error(f"--micro-size must be >= 1: got {args.micro_size}")
+    if args.micro_size is None and any(args.batch % m for m in args.micro):
         ap.error(f"each --micro must divide --batch {args.batch}: got {args.micro}")
 
     model = build(args)
     nparams = sum(p.numel() for p in model.parameters())
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{card}: Llama-style {nparams / 1e9:.2f}B params, {args.dtype}, batch {args.batch}x{args.seq}, "
+    shape = (f"batch {args.batch}x{args.seq}" if args.micro_size is None
+             else f"micro-batches of {args.micro_size}x{args.seq}")
+    print(f"{card}: Llama-style {nparams / 1e9:.2f}B params, {args.dtype}, {shape}, "
           f"micro-batches {args.micro}, {args.rounds} rounds of {args.steps} steps, aqn_rs {aqn_rs.__version__} "
           f"(CUDA kernels: {aqn_rs.build_info()['cuda_available']})", flush=True)
     g = torch.Generator(device="cpu").manual_seed(1)
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+    sizes = {m: args.batch if args.micro_size is None else m * args.micro_size
+             for m in set(args.micro) | {args.profile_micro}}
+    batches = {m: torch.randint(0, args.vocab, (n, args.seq), generator=g).to(args.device) for m, n in sizes.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
 
-    prof = profile_step(model, opt, batch, args) if args.profile else None
+    prof = profile_step(model, opt, batches[args.profile_micro], args) if args.profile else None
     rows, skipped = [], {}
     for r in range(1, args.rounds + 1):
         for micro in args.micro:
@@ -262,7 +280,7 @@ def main(argv=None) -> dict:
                 if name in skipped:
                     continue
                 host = []
-                times, why = measure(model, opt, batch, args, name, micro, host)
+                times, why = measure(model, opt, batches[micro], args, name, micro, host)
                 if why is not None:
                     skipped[name] = why
                     print(f"round {r} micro {micro}  {name:<22}skipped: {why}", flush=True)

@@ -311,7 +311,9 @@ pub fn sq_err_many(
         )));
     }
     let l = Launch::new(ordinal, stream)?;
-    l.ptr("out", out, need.saturating_mul(4), 4)?;
+    // The whole stretch the caller claims, not only the part written: a wrong length is a
+    // caller's bug that would otherwise go unnoticed.
+    l.ptr("out", out, out_len.saturating_mul(4), 4)?;
     let size = dt.size() as u64;
     for ((&x, &y), &n) in xs.iter().zip(ys).zip(ns) {
         let bytes = n.checked_mul(size).ok_or_else(|| {

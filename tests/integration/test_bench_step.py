@@ -51,6 +51,29 @@ def test_smoke_run_has_every_variant_for_every_micro(bench, tmp_path):
         assert sorted(res["summary"][m]) == sorted(measured)
 
 
+def test_micro_size_fixes_the_micro_batch_not_the_batch(bench, monkeypatch):
+    """--micro-size N: every step's micro-batches hold N sequences (the batch grows with the
+    count), where --batch splits one batch; --batch need not divide then."""
+    seen = []
+    real = bench.time_steps
+
+    def spy(model, opt, batch, steps, micro, *a, **k):
+        seen.append((micro, batch.shape[0], steps))
+        return real(model, opt, batch, steps, micro, *a, **k)
+
+    monkeypatch.setattr(bench, "time_steps", spy)
+    res = bench.main(TINY + ["--rounds", "1", "--micro", "1", "3", "--micro-size", "2"])
+    timed = {(m, n) for m, n, steps in seen if steps == 2}
+    assert timed == {(1, 2), (3, 6)}
+    assert res["args"]["micro_size"] == 2 and sorted(res["summary"]) == ["1", "3"]
+    seen.clear()
+    bench.main(TINY + ["--rounds", "1", "--micro", "1", "2"])
+    assert {(m, n) for m, n, steps in seen if steps == 2} == {(1, 4), (2, 4)}
+    for bad in (["--micro-size", "0"], ["--micro", "0"], ["--micro", "3"]):
+        with pytest.raises(SystemExit):
+            bench.main(TINY + bad)
+
+
 def test_verl_peer_is_applied_and_invalidated_as_verl_does(bench, monkeypatch):
     try:
         bench.load_verl()
