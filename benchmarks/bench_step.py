@@ -266,9 +266,12 @@ def main(argv=None) -> dict:
           f"micro-batches {args.micro}, {args.rounds} rounds of {args.steps} steps, aqn_rs {aqn_rs.__version__} "
           f"(CUDA kernels: {aqn_rs.build_info()['cuda_available']})", flush=True)
     g = torch.Generator(device="cpu").manual_seed(1)
-    sizes = {m: args.batch if args.micro_size is None else m * args.micro_size
-             for m in set(args.micro) | {args.profile_micro}}
-    batches = {m: torch.randint(0, args.vocab, (n, args.seq), generator=g).to(args.device) for m, n in sizes.items()}
+    # One batch per distinct size: with --batch every micro-batch count splits the same batch.
+    counts = set(args.micro) | ({args.profile_micro} if args.profile else set())
+    sizes = {m: args.batch if args.micro_size is None else m * args.micro_size for m in counts}
+    by_size = {n: torch.randint(0, args.vocab, (n, args.seq), generator=g).to(args.device)
+               for n in sorted(set(sizes.values()))}
+    batches = {m: by_size[n] for m, n in sizes.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
 
     prof = profile_step(model, opt, batches[args.profile_micro], args) if args.profile else None
