@@ -138,7 +138,12 @@ fn abi_header() -> String {
          // cuda/abi.cuh includes this file and the kernels static_assert against it.\n\
          #pragma once\n",
     );
-    for l in [abi::ARGS_LAYOUT, abi::NOISE_ARGS_LAYOUT] {
+    for l in [
+        abi::ARGS_LAYOUT,
+        abi::NOISE_ARGS_LAYOUT,
+        abi::MANY_ENTRY_LAYOUT,
+        abi::MANY_ARGS_LAYOUT,
+    ] {
         let _ = writeln!(h, "#define AQN_ABI_{}_SIZE {}", l.name, l.size);
         let _ = writeln!(h, "#define AQN_ABI_{}_ALIGN {}", l.name, l.align);
         for (field, off) in l.fields {

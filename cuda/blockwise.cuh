@@ -111,22 +111,60 @@ __device__ __forceinline__ void encode_vec(const Args& a, Body body) {
     }
 }
 
+// Fake quant of vector v (index i) whose block has max |x| bits m, into out[i].
+template <typename T, typename Rule>
+__device__ __forceinline__ void fake_quant_store(uint4* __restrict__ out, long long i,
+                                                 const uint4& v, uint32_t m, const Rule& rule) {
+    using D = Dtype<T>;
+    if (m >= NON_FINITE_ABS_BITS) {
+        out[i] = D::nan_vec();
+        return;
+    }
+    Scale s = rule.scale(u2f(m));
+    float f[D::EPV];
+    D::unpack(v, f);
+#pragma unroll
+    for (int e = 0; e < D::EPV; ++e) f[e] = fake_quant_elem(f[e], s, rule);
+    out[i] = D::pack(f);
+}
+
 template <typename T, typename RuleOf>
 __device__ __forceinline__ void fake_quant_vec(const Args& a) {
-    using D = Dtype<T>;
     uint4* __restrict__ out = static_cast<uint4*>(a.out);
     encode_vec<T, RuleOf>(a, [&](long long i, const uint4& v, uint32_t m, const auto& rule) {
-        if (m >= NON_FINITE_ABS_BITS) {
-            out[i] = D::nan_vec();
-            return;
-        }
-        Scale s = rule.scale(u2f(m));
-        float f[D::EPV];
-        D::unpack(v, f);
-#pragma unroll
-        for (int e = 0; e < D::EPV; ++e) f[e] = fake_quant_elem(f[e], s, rule);
-        out[i] = D::pack(f);
+        fake_quant_store<T>(out, i, v, m, rule);
     });
+}
+
+// Fake quant of every entry of a multi-tensor launch (vector layout only): each CTA
+// iteration takes one chunk of VEC_THREADS * VEC_UNROLL vectors of one entry, so a CTA's work
+// is that of fake_quant_vec on the same bytes. RuleOfSlot::make(a, slot) builds the rule of
+// an entry (NVFP4: from the tensor amax of its slot, as fake_quant_vec with a given device
+// amax; the same bits). Chunks start at multiples of the chunk, which whole blocks tile, so
+// the lanes of a block are in or out together.
+template <typename T, typename RuleOfSlot>
+__device__ __forceinline__ void fake_quant_many(const ManyArgs& a) {
+    using D = Dtype<T>;
+    using Rule = decltype(RuleOfSlot::make(a, 0));
+    constexpr int TPB = Rule::BLOCK / D::EPV;
+    constexpr int U = VEC_UNROLL;
+    const long long chunk = (long long)blockDim.x * U;
+    for (long long c = blockIdx.x; c < a.n_chunks; c += gridDim.x) {
+        const ManyEntry& en = a.e[many_entry_of(a, c)];
+        const uint4* __restrict__ x = static_cast<const uint4*>(en.x);
+        uint4* __restrict__ out = static_cast<uint4*>(en.out);
+        const long long n_vec = en.n_vec;
+        const long long base = (c - en.chunk0) * chunk;
+        uint4 v[U];
+        load_vecs(x, base, n_vec, v);
+        const Rule rule = RuleOfSlot::make(a, en.slot);  // after the loads: an L2 read
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            const uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
+            if (i < n_vec) fake_quant_store<T>(out, i, v[u], m, rule);
+        }
+    }
 }
 
 template <typename T, typename RuleOf>
@@ -300,6 +338,14 @@ __device__ __forceinline__ void dequantize_scalar(const Args& a, const Rule& rul
 // (vector kernels) and `<op>_<format>_<dtype>_scalar` (any k). RULE_OF and DEQ_RULE_OF are
 // types whose static `make(a)` builds the format's rule for the encode and the decode
 // direction (it may use shared memory and __syncthreads: every thread calls it once).
+// `fake_quant_many_<format>_<dtype>`: the multi-tensor fake quant; MANY_RULE_OF's static
+// `make(const ManyArgs&, int slot)` builds an entry's rule.
+#define AQN_FP4_MANY_KERNEL(FMT, T, DT, MANY_RULE_OF)                                      \
+    extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                        \
+        fake_quant_many_##FMT##_##DT(const aqn::ManyArgs a) {                             \
+        aqn::fake_quant_many<T, MANY_RULE_OF>(a);                                         \
+    }
+
 #define AQN_FP4_KERNELS(FMT, T, DT, RULE_OF, DEQ_RULE_OF)                                  \
     extern "C" __global__ void __launch_bounds__(aqn::VEC_THREADS)                        \
         fake_quant_##FMT##_##DT(const aqn::Args a) {                                      \

@@ -51,6 +51,59 @@ AQN_ABI_FIELD(Args, amax_value);
 AQN_ABI_FIELD(Args, gs_value);
 AQN_ABI_FIELD(Args, mode);
 
+// The multi-tensor kernels (`*_many_*`): one launch over up to MANY_MAX tensors, each an
+// entry of the argument block itself (no table to copy to the device first, so no host
+// staging and nothing to synchronize). The block stays within the classic 4 KiB limit of
+// kernel parameters. The launch's work is numbered in chunks (one CTA iteration each), entry
+// by entry: entry e owns chunks chunk0 .. next entry's chunk0 - 1.
+constexpr int MANY_MAX = 126;
+AQN_ABI_CONST(MANY_MAX);
+
+struct ManyEntry {
+    const void* x;    // input elements (16-byte aligned, whole blocks: the vector layout)
+    void* out;        // fake quant output (same size)
+    long long n_vec;  // 16-byte vectors of x
+    int slot;         // NVFP4: the index of the entry's tensor amax in ManyArgs::amax
+    int chunk0;       // the entry's first chunk
+};
+AQN_ABI_STRUCT(ManyEntry);
+AQN_ABI_FIELD(ManyEntry, x);
+AQN_ABI_FIELD(ManyEntry, out);
+AQN_ABI_FIELD(ManyEntry, n_vec);
+AQN_ABI_FIELD(ManyEntry, slot);
+AQN_ABI_FIELD(ManyEntry, chunk0);
+
+struct ManyArgs {
+    float* amax;          // NVFP4: n_slots tensor amaxes (written by the fold, read by fake quant)
+    float* partials;      // NVFP4 amax pass: n_slots * n_partials f32, slot-major
+    long long n_chunks;   // chunks of all entries
+    int n_entries;        // 1 .. MANY_MAX
+    int n_slots;          // NVFP4: amax slots of this launch
+    int n_partials;       // NVFP4: CTAs of the amax pass (partials per slot)
+    int mode;             // MXFP4 scale mode (Args::mode)
+    ManyEntry e[MANY_MAX];
+};
+AQN_ABI_STRUCT(ManyArgs);
+AQN_ABI_FIELD(ManyArgs, amax);
+AQN_ABI_FIELD(ManyArgs, partials);
+AQN_ABI_FIELD(ManyArgs, n_chunks);
+AQN_ABI_FIELD(ManyArgs, n_entries);
+AQN_ABI_FIELD(ManyArgs, n_slots);
+AQN_ABI_FIELD(ManyArgs, n_partials);
+AQN_ABI_FIELD(ManyArgs, mode);
+AQN_ABI_FIELD(ManyArgs, e);
+
+// The entry that owns chunk c: the last one whose first chunk is <= c (an empty entry shares
+// its first chunk with the next one and so is never picked). Uniform over the CTA.
+__device__ __forceinline__ int many_entry_of(const ManyArgs& a, long long c) {
+    int lo = 0, hi = a.n_entries - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (a.e[mid].chunk0 <= c) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 // A 16-byte read-only load for a pass that reads each byte once and keeps nothing: no L1
 // allocation, and a 256-byte L2 prefetch. In the amax pass of 16-bit tensors it took NVFP4
 // incl. amax on an H100 from 1.61 to 1.59x the copy time (bf16 4096x14336,

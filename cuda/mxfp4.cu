@@ -72,9 +72,15 @@ AQN_ABI_CONST(MXFP4_BLOCK);
 struct MxRuleOf {
     __device__ __forceinline__ static MxRule make(const Args& a) { return MxRule{a.mode}; }
 };
+struct MxManyRuleOf {
+    __device__ __forceinline__ static MxRule make(const ManyArgs& a, int) { return MxRule{a.mode}; }
+};
 
 }  // namespace aqn
 
 AQN_FP4_KERNELS(mxfp4, float, f32, aqn::MxRuleOf, aqn::MxRuleOf)
 AQN_FP4_KERNELS(mxfp4, __nv_bfloat16, bf16, aqn::MxRuleOf, aqn::MxRuleOf)
 AQN_FP4_KERNELS(mxfp4, __half, f16, aqn::MxRuleOf, aqn::MxRuleOf)
+AQN_FP4_MANY_KERNEL(mxfp4, float, f32, aqn::MxManyRuleOf)
+AQN_FP4_MANY_KERNEL(mxfp4, __nv_bfloat16, bf16, aqn::MxManyRuleOf)
+AQN_FP4_MANY_KERNEL(mxfp4, __half, f16, aqn::MxManyRuleOf)

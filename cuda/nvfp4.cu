@@ -97,6 +97,14 @@ struct NvRuleOf {
     }
 };
 
+// Multi-tensor encode direction: the global scale from the entry's slot amax (the fold's
+// output, written by the launch before), as NvRuleOf with a given device amax.
+struct NvManyRuleOf {
+    __device__ __forceinline__ static NvRule make(const ManyArgs& a, int slot) {
+        return NvRule{global_scale(__ldg(a.amax + slot)), true};
+    }
+};
+
 // Decode direction: the stored global scale (device or host value).
 struct NvDequantRuleOf {
     __device__ __forceinline__ static NvRule make(const Args& a) {
@@ -154,6 +162,59 @@ __device__ __forceinline__ void amax_partials(const Args& a) {
         m = group_max<32>(m);
         if (threadIdx.x == 0) static_cast<float*>(a.out)[blockIdx.x] = amax_from_bits(m);
     }
+}
+
+// The amax pass of a multi-tensor launch: per CTA and slot, max |x| over the CTA's chunks of
+// the slot's entries, into partials[slot * n_partials + blockIdx.x] (0 where the CTA read
+// none of them: thread 0 zeroes its column first and is the only writer of it). The chunks
+// (AMAX_THREADS * AMAX_UNROLL vectors) go from the launch's last to its first, so the first
+// entry's first bytes, which the fake quant after reads first, were read last. A CTA's
+// chunks of one slot usually come in one run (the host orders entries by slot); where not,
+// the flush folds into the value already there, so any order gives the same max.
+template <typename T>
+__device__ __forceinline__ void amax_many_flush(const ManyArgs& a, int slot, uint32_t m) {
+    __shared__ uint32_t s_warp[AMAX_THREADS / 32];
+    m = group_max<32>(m);
+    if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x / 32] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 0; w < int(blockDim.x / 32); ++w) m = max(m, s_warp[w]);
+        float* p = a.partials + (long long)slot * a.n_partials + blockIdx.x;
+        *p = amax_from_bits(max(m, f2u(*p)));
+    }
+    __syncthreads();  // s_warp is reused by the next flush
+}
+
+template <typename T>
+__device__ __forceinline__ void amax_many_partials(const ManyArgs& a) {
+    using D = Dtype<T>;
+    if (threadIdx.x == 0)
+        for (int s = 0; s < a.n_slots; ++s) a.partials[(long long)s * a.n_partials + blockIdx.x] = 0.0f;
+    const long long chunk = (long long)blockDim.x * AMAX_UNROLL;
+    int cur = -1;
+    uint32_t m = 0;
+    for (long long c = blockIdx.x; c < a.n_chunks; c += gridDim.x) {
+        const long long g = a.n_chunks - 1 - c;
+        const ManyEntry& en = a.e[many_entry_of(a, g)];
+        if (en.slot != cur) {  // uniform over the CTA
+            if (cur >= 0) amax_many_flush<T>(a, cur, m);
+            cur = en.slot;
+            m = 0;
+        }
+        const uint4* __restrict__ xv = static_cast<const uint4*>(en.x);
+        const long long base = (g - en.chunk0) * chunk;
+        uint4 v[AMAX_UNROLL];
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) {
+            const long long i = base + (long long)u * blockDim.x + threadIdx.x;
+            v[u] = i >= en.n_vec    ? make_uint4(0, 0, 0, 0)
+                   : sizeof(T) == 2 ? ldg_stream(xv + i)  // as amax_partials
+                                    : __ldg(xv + i);
+        }
+#pragma unroll
+        for (int u = 0; u < AMAX_UNROLL; ++u) m = max(m, D::absmax_bits(v[u]));
+    }
+    if (cur >= 0) amax_many_flush<T>(a, cur, m);
 }
 
 // Per-CTA sums, in f32, of (x - y)^2 and x^2 over two flat tensors of rows * k elements (x a
@@ -253,6 +314,29 @@ AQN_FP4_KERNELS(nvfp4, __half, f16, aqn::NvRuleOf, aqn::NvDequantRuleOf)
     AQN_REDUCTION_KERNEL(NAME, __half, f16)
 AQN_REDUCTION_KERNELS(amax_partials)
 AQN_REDUCTION_KERNELS(sq_err_partials)
+
+AQN_FP4_MANY_KERNEL(nvfp4, float, f32, aqn::NvManyRuleOf)
+AQN_FP4_MANY_KERNEL(nvfp4, __nv_bfloat16, bf16, aqn::NvManyRuleOf)
+AQN_FP4_MANY_KERNEL(nvfp4, __half, f16, aqn::NvManyRuleOf)
+
+#define AQN_AMAX_MANY_KERNEL(T, DT)                                                 \
+    extern "C" __global__ void __launch_bounds__(aqn::AMAX_THREADS)                \
+        amax_many_partials_##DT(const aqn::ManyArgs a) {                           \
+        aqn::amax_many_partials<T>(a);                                             \
+    }
+AQN_AMAX_MANY_KERNEL(float, f32)
+AQN_AMAX_MANY_KERNEL(__nv_bfloat16, bf16)
+AQN_AMAX_MANY_KERNEL(__half, f16)
+
+// Folds each slot's n_partials partials into amax[slot]: one warp per slot (CTA = slot).
+extern "C" __global__ void __launch_bounds__(aqn::FINALIZE_THREADS)
+    amax_many_finalize(const aqn::ManyArgs a) {
+    const float* p = a.partials + (long long)blockIdx.x * a.n_partials;
+    uint32_t m = 0;
+    for (int i = threadIdx.x; i < a.n_partials; i += aqn::FINALIZE_THREADS) m = max(m, aqn::f2u(p[i]));
+    m = aqn::group_max<32>(m);
+    if (threadIdx.x == 0) a.amax[blockIdx.x] = aqn::amax_from_bits(m);
+}
 
 // Folds n_amax partials into out[0] (0 for none): the `amax` op's second launch. One warp.
 extern "C" __global__ void __launch_bounds__(aqn::FINALIZE_THREADS) amax_finalize(const aqn::Args a) {

@@ -23,6 +23,7 @@ __all__ = [
     "nvfp4_global_scale",
     "cpu_threads",
     "CUDA_AMAX_SCRATCH",
+    "CUDA_MANY_MAX",
     "cuda_built",
     "cuda_build_archs",
     "cuda_available",
@@ -37,6 +38,7 @@ __all__ = [
     "cuda_amax",
     "cuda_amax_many",
     "cuda_sq_err_many",
+    "cuda_fake_quant_many",
     "cuda_noise",
     "ModuleSelector",
     "SigmaScheduler",
@@ -204,6 +206,7 @@ def fnv1a64(data: bytes) -> int: ...
 # a build without kernels raises RuntimeError from each of these.
 
 CUDA_AMAX_SCRATCH: int
+CUDA_MANY_MAX: int
 
 def cuda_built() -> bool: ...
 def cuda_build_archs() -> list[str]: ...
@@ -238,6 +241,16 @@ def cuda_sq_err_many(
     """Per pair of tensors at `xs[i]`, `ys[i]` (`ns[i]` elements, all of `dtype`), the per-CTA f32 sums
     of (x - y)^2 and x^2 into stretch i of `out` (`out_len` f32, at least len(xs) * 2 * CUDA_AMAX_SCRATCH:
     CUDA_AMAX_SCRATCH pairs per tensor, the unused ones zero)."""
+def cuda_fake_quant_many(
+    fmt: str, mode: str, dtype: str, device: int, stream: int, xs: Sequence[int], outs: Sequence[int],
+    ns: Sequence[int], ks: Sequence[int], slots: Sequence[int], n_slots: int, amax: int, scratch: int,
+    scratch_len: int,
+) -> None:
+    """Fake quant of the tensors at `xs[i]` into `outs[i]` (`ns[i]` elements, last dimension `ks[i]`,
+    whole blocks along it, 16-byte aligned, all of `dtype`), a few launches per CUDA_MANY_MAX tensors.
+    NVFP4: tensor i uses the amax of slot `slots[i]` (< `n_slots`), the max |x| over that slot's
+    tensors, written to the `n_slots` f32 at `amax`; `scratch` holds `scratch_len` f32, at least
+    n_slots * CUDA_AMAX_SCRATCH. MXFP4 takes no slots (`[]`, 0)."""
 def cuda_fake_quant_t(
     x: Any, out: Any, fmt: str, mode: str, amax_ptr: int, amax_value: Optional[float], scratch: int,
 ) -> bool:

@@ -158,6 +158,60 @@ def amax_many(xs: List[Any]):
     return out
 
 
+def many_ready(xs: List[Any], block: int) -> bool:
+    """Whether `fake_quant_many` takes these tensors: CUDA, one dtype and device, contiguous,
+    16-byte aligned, with whole `block`-element blocks along the last dimension (the vector
+    kernels' layout). Cheap: attribute reads only."""
+    if not xs:
+        return False
+    if not _dtags:
+        _init()
+    x0 = xs[0]
+    dt, dev = x0.dtype, x0.device
+    if dt not in _dtags or not x0.is_cuda:
+        return False
+    for x in xs:
+        if x.dtype != dt or x.device != dev or x.dim() == 0 or not x.is_contiguous():
+            return False
+        if x.numel() and (x.shape[-1] % block or x.data_ptr() % 16):
+            return False
+    return True
+
+
+def fake_quant_many(xs: List[Any], fmt: str, scale_mode: str, slots: Optional[List[int]] = None,
+                    n_slots: int = 0):
+    """Fake quant of several CUDA tensors of one dtype and device in a few launches (per 126
+    tensors: one for MXFP4; an amax pass, a fold and the fake quant for NVFP4), no sync.
+    NVFP4: tensor i uses the amax of slot `slots[i]` (0 <= slot < n_slots), the max |x| over
+    all tensors of that slot (a fused group's shared amax). Returns (outputs, amax): amax is
+    a float32 tensor [n_slots] on the device for NVFP4, None for MXFP4. The tensors need the
+    vector layout (`many_ready`)."""
+    import torch
+
+    if not xs:
+        return [], (torch.empty(0, dtype=torch.float32) if fmt == "nvfp4" else None)
+    tag, dev = _check_alike("fake_quant_many", [(x, f"tensor {i}") for i, x in enumerate(xs)])
+    for x in xs:
+        if x.dim() == 0:
+            _rows_k(())  # raises the quantizers' message for a 0-d tensor
+    outs = [_empty_like(x) for x in xs]
+    amax = scratch = None
+    if fmt == "nvfp4":
+        if slots is None:
+            slots, n_slots = list(range(len(xs))), len(xs)
+        amax = torch.empty(n_slots, dtype=torch.float32, device=xs[0].device)
+        scratch = torch.empty(max(1, n_slots) * _AMAX_SCRATCH, dtype=torch.float32, device=xs[0].device)
+    _rs.cuda_fake_quant_many(
+        fmt, scale_mode, tag, dev, _raw_stream(dev), [x.data_ptr() for x in xs],
+        [o.data_ptr() for o in outs], [x.numel() for x in xs], [int(x.shape[-1]) for x in xs],
+        list(slots) if fmt == "nvfp4" else [], n_slots,
+        amax.data_ptr() if amax is not None and n_slots else 0,
+        scratch.data_ptr() if scratch is not None else 0,
+        scratch.numel() if scratch is not None else 0,
+    )
+    return outs, amax
+
+
 def sq_err_many(xs: List[Any], ys: List[Any]):
     """Per pair (x, y) of CUDA tensors of one dtype and device (x a weight, y its fake quant,
     same number of elements): `[[sum (x - y)^2, sum x^2], ...]` as a float64 tensor of shape

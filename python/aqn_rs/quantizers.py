@@ -14,7 +14,7 @@ import ctypes
 import dataclasses
 import math
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -309,6 +309,17 @@ class Mxfp4Quantizer(_Quantizer):
         _aqn_rs.mxfp4_fake_quant(_rs_view(x, tag), _rs_view(out, tag), tag, self.scale_mode)
         return out
 
+    def fake_quant_many(self, xs):
+        """`fake_quant` of several tensors: the outputs in input order, each equal to
+        `fake_quant(x)` bit for bit. CUDA tensors of one dtype and device, contiguous, 16-byte
+        aligned and with whole 32-element blocks along the last dimension go through one
+        launch per 126 tensors; anything else takes one `fake_quant` per tensor."""
+        xs = list(xs)
+        cuda = _cuda_module() if xs and getattr(xs[0], "is_cuda", False) else None
+        if cuda is not None and cuda.many_ready(xs, MXFP4_BLOCK):
+            return cuda.fake_quant_many(xs, "mxfp4", self.scale_mode)[0]
+        return [self.fake_quant(x) for x in xs]
+
     def quantize(self, x) -> QuantizedTensor:
         """Quantize `x` to packed E2M1 codes and E8M0 scale bytes.
 
@@ -393,6 +404,40 @@ class Nvfp4Quantizer(_Quantizer):
             raise ValueError("amax_many: all CUDA tensors or none")
         vals = [self.amax(x) for x in xs]
         return math.nan if any(math.isnan(v) for v in vals) else max(vals)
+
+    def fake_quant_many(self, xs, groups: Optional[Sequence[Any]] = None, return_amax: bool = False):
+        """Fake quant of several tensors, with one shared amax per group.
+
+        Tensors with equal labels in `groups` (one label per tensor; None: every tensor its
+        own) share one tensor amax, the max of theirs, as the members of a fused layer
+        (q/k/v, gate/up) do in vLLM. Each output equals `fake_quant(x, amax=its group's
+        amax)`, bit for bit. CUDA tensors of one dtype and device, contiguous, 16-byte
+        aligned and with whole 16-element blocks along the last dimension go through a few
+        launches per 126 tensors with no host sync; anything else takes one `fake_quant` per
+        tensor after the groups' `amax_many`.
+
+        Returns:
+            The outputs in input order; with `return_amax`, `(outputs, amaxes)`: each
+            tensor's (its group's) amax, a 0-d float32 tensor on the device (CUDA) or a float.
+        """
+        xs = list(xs)
+        labels = list(range(len(xs))) if groups is None else list(groups)
+        if len(labels) != len(xs):
+            raise ValueError(f"fake_quant_many: {len(xs)} tensors but {len(labels)} group labels")
+        slot_of: dict = {}
+        slots = [slot_of.setdefault(g, len(slot_of)) for g in labels]
+        cuda = _cuda_module() if xs and getattr(xs[0], "is_cuda", False) else None
+        if cuda is not None and cuda.many_ready(xs, NVFP4_BLOCK):
+            outs, amax = cuda.fake_quant_many(xs, "nvfp4", "floor", slots, len(slot_of))
+            amaxes = [amax[s] for s in slots]
+        else:
+            members: List[List[Any]] = [[] for _ in slot_of]
+            for x, s in zip(xs, slots):
+                members[s].append(x)
+            group_amax = [self.amax_many(m) for m in members]
+            amaxes = [group_amax[s] for s in slots]
+            outs = [self.fake_quant(x, amax=a) for x, a in zip(xs, amaxes)]
+        return (outs, amaxes) if return_amax else outs
 
     def fake_quant(self, x, amax: Any = None):
         """Quantize then dequantize `x` in one pass.

@@ -136,6 +136,71 @@ pub fn sq_err_partials_kernel(dt: Dt) -> String {
 /// Folds the partials into one f32 (cuda/nvfp4.cu).
 pub const AMAX_FINALIZE_KERNEL: &str = "amax_finalize";
 
+/// The multi-tensor fake quant of a format and dtype (`AQN_FP4_MANY_KERNEL` in
+/// cuda/blockwise.cuh).
+pub fn fake_quant_many_kernel(fmt: Fmt, dt: Dt) -> String {
+    format!("fake_quant_many_{}_{}", fmt.name(), dt.name())
+}
+
+/// The multi-tensor amax pass of a dtype (cuda/nvfp4.cu `AQN_AMAX_MANY_KERNEL`).
+pub fn amax_many_partials_kernel(dt: Dt) -> String {
+    format!("amax_many_partials_{}", dt.name())
+}
+
+/// Folds the multi-tensor amax pass into one amax per slot (cuda/nvfp4.cu).
+pub const AMAX_MANY_FINALIZE_KERNEL: &str = "amax_many_finalize";
+
+/// Entries of one multi-tensor launch: the `ManyArgs` block must fit the 4 KiB of kernel
+/// parameters every driver and device take.
+pub const MANY_MAX: usize = 126;
+
+/// One tensor of a multi-tensor launch (`aqn::ManyEntry` in cuda/fp4_common.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ManyEntry {
+    pub x: u64,
+    pub out: u64,
+    pub n_vec: i64,
+    pub slot: i32,
+    pub chunk0: i32,
+}
+
+/// The one by-value argument of the multi-tensor kernels (`aqn::ManyArgs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ManyArgs {
+    pub amax: u64,
+    pub partials: u64,
+    pub n_chunks: i64,
+    pub n_entries: i32,
+    pub n_slots: i32,
+    pub n_partials: i32,
+    pub mode: i32,
+    pub e: [ManyEntry; MANY_MAX],
+}
+
+impl ManyArgs {
+    /// No entries, every pointer null.
+    pub fn new(mode: i32) -> Self {
+        Self {
+            amax: 0,
+            partials: 0,
+            n_chunks: 0,
+            n_entries: 0,
+            n_slots: 0,
+            n_partials: 0,
+            mode,
+            e: [ManyEntry {
+                x: 0,
+                out: 0,
+                n_vec: 0,
+                slot: 0,
+                chunk0: 0,
+            }; MANY_MAX],
+        }
+    }
+}
+
 /// AQN's noise of a dtype (cuda/noise.cu `AQN_NOISE_KERNEL`).
 pub fn noise_kernel(dt: Dt) -> String {
     format!("noise_{}", dt.name())
@@ -208,6 +273,9 @@ pub unsafe trait KernelParam: Copy {}
 unsafe impl KernelParam for Args {}
 // SAFETY: as for Args, against `aqn_noise::NoiseArgs` (NOISE_ARGS_LAYOUT).
 unsafe impl KernelParam for NoiseArgs {}
+// SAFETY: as for Args, against `aqn::ManyArgs` (MANY_ARGS_LAYOUT; its entries against
+// `aqn::ManyEntry`, MANY_ENTRY_LAYOUT).
+unsafe impl KernelParam for ManyArgs {}
 
 /// The C layout of a parameter block: what build.rs writes into `aqn_abi.h` as
 /// `AQN_ABI_<name>_SIZE`, `AQN_ABI_<name>_ALIGN` and `AQN_ABI_<name>_<field>` (offsets).
@@ -271,10 +339,35 @@ pub const NOISE_ARGS_LAYOUT: CLayout = c_layout!(NoiseArgs, size 48, align 8, [
     pad: 44,
 ]);
 
+/// The layout of `ManyEntry` (and so of `aqn::ManyEntry`).
+// Read by build.rs, which compiles this file too; the extension needs only the asserts.
+#[allow(dead_code)]
+pub const MANY_ENTRY_LAYOUT: CLayout = c_layout!(ManyEntry, size 32, align 8, [
+    x: 0,
+    out: 8,
+    n_vec: 16,
+    slot: 24,
+    chunk0: 28,
+]);
+
+/// The layout of `ManyArgs` (and so of `aqn::ManyArgs`): 40 bytes and MANY_MAX entries.
+// Read by build.rs, which compiles this file too; the extension needs only the asserts.
+#[allow(dead_code)]
+pub const MANY_ARGS_LAYOUT: CLayout = c_layout!(ManyArgs, size 4072, align 8, [
+    amax: 0,
+    partials: 8,
+    n_chunks: 16,
+    n_entries: 24,
+    n_slots: 28,
+    n_partials: 32,
+    mode: 36,
+    e: 40,
+]);
+
 /// The launch constants under their CUDA names, written into `aqn_abi.h` as `AQN_ABI_<name>`.
 // Read by build.rs, which compiles this file too; the extension needs only the asserts.
 #[allow(dead_code)]
-pub const CONSTANTS: [(&str, i64); 13] = [
+pub const CONSTANTS: [(&str, i64); 14] = [
     ("VEC_BYTES", VEC_BYTES as i64),
     ("VEC_THREADS", VEC_THREADS as i64),
     ("VEC_UNROLL", VEC_UNROLL as i64),
@@ -288,4 +381,5 @@ pub const CONSTANTS: [(&str, i64); 13] = [
     ("MX_RCEIL", MX_RCEIL as i64),
     ("MX_EVEN", MX_EVEN as i64),
     ("MX_CEIL", MX_CEIL as i64),
+    ("MANY_MAX", MANY_MAX as i64),
 ];

@@ -92,3 +92,215 @@ pub fn dt_of(d: DLDataType) -> Option<Dt> {
         _ => None,
     }
 }
+
+/// One non-empty tensor of a multi-tensor fake quant, its sizes checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ManyTensor {
+    pub x: u64,
+    pub out: u64,
+    /// Elements (a multiple of the block and of a 16-byte vector).
+    pub n: u64,
+    /// NVFP4: its amax slot (0 for MXFP4).
+    pub slot: u32,
+}
+
+/// The tensors of one multi-tensor launch (at most `abi::MANY_MAX`) and, for NVFP4, the
+/// slots `slot_lo ..= slot_hi` whose amaxes it computes: every slot of the call lies in
+/// exactly one batch, and all tensors of a slot in the same one (a slot's amax is a max
+/// over all of them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManyBatch {
+    pub tensors: Vec<ManyTensor>,
+    pub slot_lo: u32,
+    pub slot_hi: u32,
+}
+
+/// Checks the arguments of a multi-tensor fake quant (`xs[i]` into `outs[i]`, `ns[i]`
+/// elements with last dimension `ks[i]`; NVFP4: `slots[i]` < `n_slots` names its shared
+/// amax, and `scratch_len` f32 of scratch hold `n_slots * AMAX_SCRATCH` partials) and splits
+/// them into launches. Every tensor must have the vector layout (whole blocks along `k`);
+/// pointer alignment and memory are checked at launch. NVFP4 tensors go in slot order.
+// One parameter per argument of the Python entry point it serves.
+#[allow(clippy::too_many_arguments)]
+pub fn many_batches(
+    fmt: Fmt,
+    xs: &[u64],
+    outs: &[u64],
+    ns: &[u64],
+    ks: &[u64],
+    slots: &[u32],
+    n_slots: u64,
+    scratch_len: u64,
+) -> Result<Vec<ManyBatch>> {
+    let len = xs.len();
+    let nv = fmt == Fmt::Nvfp4;
+    if outs.len() != len || ns.len() != len || ks.len() != len || (nv && slots.len() != len) {
+        return Err(Error::Value(format!(
+            "fake_quant_many: {len} inputs, {} outputs, {} element counts, {} last dimensions \
+             and {} slots",
+            outs.len(),
+            ns.len(),
+            ks.len(),
+            slots.len()
+        )));
+    }
+    let block = fmt.block() as u64;
+    let mut tensors = Vec::with_capacity(len);
+    for i in 0..len {
+        let (n, k) = (ns[i], ks[i]);
+        if n > 0 && (k == 0 || !n.is_multiple_of(k) || !k.is_multiple_of(block)) {
+            return Err(Error::Value(format!(
+                "fake_quant_many: tensor {i} has {n} elements with last dimension {k}; the \
+                 multi-tensor path needs whole {block}-element blocks along it"
+            )));
+        }
+        let slot = if nv { slots[i] } else { 0 };
+        if nv && slot as u64 >= n_slots {
+            return Err(Error::Value(format!(
+                "fake_quant_many: tensor {i} names amax slot {slot} of {n_slots}"
+            )));
+        }
+        if n > 0 {
+            tensors.push(ManyTensor {
+                x: xs[i],
+                out: outs[i],
+                n,
+                slot,
+            });
+        }
+    }
+    if !nv {
+        return Ok(tensors
+            .chunks(abi::MANY_MAX)
+            .map(|c| ManyBatch {
+                tensors: c.to_vec(),
+                slot_lo: 0,
+                slot_hi: 0,
+            })
+            .collect());
+    }
+    if n_slots > i32::MAX as u64 {
+        return Err(Error::Value(format!(
+            "fake_quant_many: {n_slots} amax slots"
+        )));
+    }
+    let need = n_slots.saturating_mul(abi::AMAX_SCRATCH as u64);
+    if scratch_len < need {
+        return Err(Error::Value(format!(
+            "fake_quant_many: scratch of {scratch_len} f32 for {n_slots} slots (needs {need})"
+        )));
+    }
+    if n_slots == 0 {
+        return Ok(Vec::new());
+    }
+    tensors.sort_by_key(|t| t.slot); // stable: a slot's tensors keep their order
+    let mut batches = Vec::new();
+    let mut cur: Vec<ManyTensor> = Vec::new();
+    let mut lo: u32 = 0;
+    let mut i = 0;
+    while i < tensors.len() {
+        let slot = tensors[i].slot;
+        let run = tensors[i..].iter().take_while(|t| t.slot == slot).count();
+        if run > abi::MANY_MAX {
+            return Err(Error::Value(format!(
+                "fake_quant_many: {run} tensors share amax slot {slot} (at most {} do)",
+                abi::MANY_MAX
+            )));
+        }
+        if cur.len() + run > abi::MANY_MAX {
+            let hi = cur.last().map(|t| t.slot).unwrap_or(lo);
+            batches.push(ManyBatch {
+                tensors: std::mem::take(&mut cur),
+                slot_lo: lo,
+                slot_hi: hi,
+            });
+            lo = hi + 1;
+        }
+        cur.extend_from_slice(&tensors[i..i + run]);
+        i += run;
+    }
+    // The last batch also folds the slots after the last tensor's (amax 0: all empty).
+    batches.push(ManyBatch {
+        tensors: cur,
+        slot_lo: lo,
+        slot_hi: (n_slots - 1) as u32,
+    });
+    Ok(batches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(slots: &[u32], n_slots: u64) -> Result<Vec<ManyBatch>> {
+        let len = slots.len();
+        let xs: Vec<u64> = (0..len as u64).map(|i| 0x1000 * (i + 1)).collect();
+        many_batches(
+            Fmt::Nvfp4,
+            &xs,
+            &xs,
+            &vec![64; len],
+            &vec![16; len],
+            slots,
+            n_slots,
+            n_slots * abi::AMAX_SCRATCH as u64,
+        )
+    }
+
+    #[test]
+    fn batches_keep_slots_whole_and_cover_every_slot() {
+        // 300 tensors, slots of three members: 42 slots per batch (126 tensors).
+        let slots: Vec<u32> = (0..300u32).map(|i| i / 3).collect();
+        let b = plan(&slots, 100).unwrap();
+        assert_eq!(b.len(), 3);
+        assert_eq!(
+            (b[0].slot_lo, b[0].slot_hi, b[0].tensors.len()),
+            (0, 41, 126)
+        );
+        assert_eq!(
+            (b[1].slot_lo, b[1].slot_hi, b[1].tensors.len()),
+            (42, 83, 126)
+        );
+        assert_eq!(
+            (b[2].slot_lo, b[2].slot_hi, b[2].tensors.len()),
+            (84, 99, 48)
+        );
+        for batch in &b {
+            for t in &batch.tensors {
+                assert!(t.slot >= batch.slot_lo && t.slot <= batch.slot_hi);
+            }
+        }
+    }
+
+    #[test]
+    fn slots_are_sorted_and_empty_slots_folded() {
+        let b = plan(&[2, 0, 2, 0], 4).unwrap();
+        assert_eq!(b.len(), 1);
+        let s: Vec<u32> = b[0].tensors.iter().map(|t| t.slot).collect();
+        assert_eq!(s, vec![0, 0, 2, 2]);
+        assert_eq!(b[0].tensors[0].x, 0x2000); // stable within a slot
+        assert_eq!((b[0].slot_lo, b[0].slot_hi), (0, 3));
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        assert!(plan(&[0; 127], 1).is_err()); // one slot, more members than a launch holds
+        assert!(plan(&[1], 1).is_err()); // slot out of range
+        let e = many_batches(Fmt::Nvfp4, &[1], &[1], &[48], &[24], &[0], 1, 1024);
+        assert!(e.is_err()); // 24 is not a multiple of the 16-element block
+        let e = many_batches(Fmt::Nvfp4, &[1], &[1], &[64], &[16], &[0], 1, 1023);
+        assert!(e.is_err()); // scratch too small
+        let e = many_batches(Fmt::Mxfp4, &[1, 2], &[1], &[64, 64], &[32, 32], &[], 0, 0);
+        assert!(e.is_err()); // lengths differ
+    }
+
+    #[test]
+    fn mxfp4_batches_by_count() {
+        let xs: Vec<u64> = (1..=130).collect();
+        let b = many_batches(Fmt::Mxfp4, &xs, &xs, &[64; 130], &[32; 130], &[], 0, 0).unwrap();
+        assert_eq!(
+            b.iter().map(|b| b.tensors.len()).collect::<Vec<_>>(),
+            vec![126, 4]
+        );
+    }
+}

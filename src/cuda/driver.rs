@@ -49,6 +49,11 @@ pub struct Device {
     pub sq_err_partials: [Func; 3],
     /// `noise_<dt>`, indexed by `Dt`.
     pub noise: [Func; 3],
+    /// `fake_quant_many_<fmt>_<dt>`, indexed by `Fmt`, then `Dt`.
+    pub fake_quant_many: [[Func; 3]; 2],
+    /// `amax_many_partials_<dt>`, indexed by `Dt`.
+    pub amax_many_partials: [Func; 3],
+    pub amax_many_finalize: Func,
     pub sms: u32,
     /// Compute capability major (programmatic dependent launch needs 9+).
     pub cc_major: i32,
@@ -263,6 +268,16 @@ fn init_device(ordinal: i32) -> Result<Device> {
     for dt in dts {
         sq_err_partials[dt as usize] = get_func(nv, &abi::sq_err_partials_kernel(dt))?;
     }
+    let mut fake_quant_many = [[Func(std::ptr::null_mut()); 3]; 2];
+    let mut amax_many_partials = [Func(std::ptr::null_mut()); 3];
+    for dt in dts {
+        fake_quant_many[Fmt::Mxfp4 as usize][dt as usize] =
+            get_func(mx, &abi::fake_quant_many_kernel(Fmt::Mxfp4, dt))?;
+        fake_quant_many[Fmt::Nvfp4 as usize][dt as usize] =
+            get_func(nv, &abi::fake_quant_many_kernel(Fmt::Nvfp4, dt))?;
+        amax_many_partials[dt as usize] = get_func(nv, &abi::amax_many_partials_kernel(dt))?;
+    }
+    let amax_many_finalize = get_func(nv, abi::AMAX_MANY_FINALIZE_KERNEL)?;
     let nz = load_module(NOISE_FATBIN, "noise")?;
     let mut noise = [Func(std::ptr::null_mut()); 3];
     for dt in dts {
@@ -275,6 +290,9 @@ fn init_device(ordinal: i32) -> Result<Device> {
         amax_finalize,
         sq_err_partials,
         noise,
+        fake_quant_many,
+        amax_many_partials,
+        amax_many_finalize,
         sms: sms.max(1) as u32,
         cc_major,
     })

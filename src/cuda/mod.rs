@@ -382,6 +382,39 @@ fn cuda_amax_many(
     ))?)
 }
 
+/// Fake quant of many tensors of one dtype and device in a few launches: `xs[i]` into
+/// `outs[i]` (`ns[i]` elements, last dimension `ks[i]`, the vector layout: whole blocks along
+/// it, 16-byte aligned). NVFP4: tensor i uses the amax of slot `slots[i]` (< `n_slots`), the
+/// max |x| over every tensor of that slot, computed here into the `n_slots` f32 at `amax`
+/// (`scratch`: `scratch_len` f32, at least `n_slots * AMAX_SCRATCH`); MXFP4 takes no slots.
+#[pyfunction]
+// The Python signature: _cuda.py passes each buffer and size as its own argument.
+#[allow(clippy::too_many_arguments)]
+fn cuda_fake_quant_many(
+    fmt: &str,
+    mode: &str,
+    dtype: &str,
+    device: i32,
+    stream: u64,
+    xs: Vec<u64>,
+    outs: Vec<u64>,
+    ns: Vec<u64>,
+    ks: Vec<u64>,
+    slots: Vec<u32>,
+    n_slots: u64,
+    amax: u64,
+    scratch: u64,
+    scratch_len: u64,
+) -> PyResult<()> {
+    let fmt = args::format(fmt)?;
+    let mode = args::mode_number(fmt, mode)?;
+    let dt = args::dtype(dtype)?;
+    let batches = args::many_batches(fmt, &xs, &outs, &ns, &ks, &slots, n_slots, scratch_len)?;
+    Ok(kernels!(ops::fake_quant_many(
+        fmt, mode, dt, device, stream, &batches, n_slots, amax, scratch
+    ))?)
+}
+
 /// The weight sync's error statistics in one call: for each pair of tensors `xs[i]`, `ys[i]`
 /// (`ns[i]` elements, all of `dtype`; x a weight, y its fake quant) the per-CTA f32 sums of
 /// `(x - y)^2` and `x^2`, in stretch `i` of `out` (`out_len` f32, at least
@@ -447,6 +480,7 @@ fn cuda_noise(
 /// Adds the CUDA functions (and `CUDA_AMAX_SCRATCH`) to the extension module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CUDA_AMAX_SCRATCH", abi::AMAX_SCRATCH)?;
+    m.add("CUDA_MANY_MAX", abi::MANY_MAX)?;
     m.add_function(wrap_pyfunction!(cuda_built, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_build_archs, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
@@ -464,6 +498,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_amax, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_amax_many, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_sq_err_many, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_fake_quant_many, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_noise, m)?)?;
     Ok(())
 }

@@ -5,10 +5,10 @@
 use cudarc::driver::sys;
 
 use super::abi::{
-    Args, Dt, Fmt, NoiseArgs, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL, FINALIZE_THREADS,
-    NOISE_THREADS, VEC_THREADS,
+    Args, Dt, Fmt, ManyArgs, NoiseArgs, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL,
+    FINALIZE_THREADS, NOISE_THREADS, VEC_THREADS, VEC_UNROLL,
 };
-use super::args::{numel, AmaxSource};
+use super::args::{numel, AmaxSource, ManyBatch};
 use super::launch::{pick, Launch};
 use super::ptr::{check_ptr, check_stream};
 use super::tuning;
@@ -332,6 +332,113 @@ pub fn sq_err_many(
         a.n_amax = AMAX_SCRATCH as i32; // pairs in the stretch: the kernel zeroes the unused
         let grid = n.div_ceil(per_cta).clamp(1, cap);
         l.launch(l.dev.sq_err_partials[dt as usize], grid, AMAX_THREADS, &a)?;
+    }
+    Ok(())
+}
+
+/// Fake quant of many tensors of one dtype (the planned `batches` of `args::many_batches`),
+/// a few launches per MANY_MAX tensors instead of one to three per tensor: for NVFP4 one
+/// amax pass over all of a batch's tensors (per-slot partials into `scratch`), one fold into
+/// the slots' amaxes at `amax` (`n_slots` f32: each slot's max over its tensors, the shared
+/// amax of a fused group) and one fake-quant launch; for MXFP4 the fake-quant launch alone.
+/// Each tensor's bits equal `fake_quant`'s of it with its slot's amax given.
+// One parameter per argument of the Python entry point it serves, already parsed.
+#[allow(clippy::too_many_arguments)]
+pub fn fake_quant_many(
+    fmt: Fmt,
+    mode: i32,
+    dt: Dt,
+    ordinal: i32,
+    stream: u64,
+    batches: &[ManyBatch],
+    n_slots: u64,
+    amax: u64,
+    scratch: u64,
+) -> Result<()> {
+    let l = Launch::new(ordinal, stream)?;
+    let size = dt.size() as u64;
+    let nv = fmt == Fmt::Nvfp4;
+    if nv && n_slots > 0 {
+        l.ptr("amax", amax, 4 * n_slots, 4)?;
+        l.ptr(
+            "amax scratch",
+            scratch,
+            4 * n_slots * AMAX_SCRATCH as u64,
+            4,
+        )?;
+    }
+    for b in batches {
+        for t in &b.tensors {
+            let bytes = t.n.checked_mul(size).ok_or_else(|| {
+                Error::Value(format!(
+                    "fake_quant_many: {} elements overflow the byte count",
+                    t.n
+                ))
+            })?;
+            // The vector layout: 16-byte loads and stores.
+            l.ptr("x", t.x, bytes, 16)?;
+            l.ptr("out", t.out, bytes, 16)?;
+        }
+    }
+    let epv = dt.epv() as u64;
+    // The entries of one launch with chunks of `chunk` vectors: (args, chunks).
+    let entries = |b: &ManyBatch, chunk: u64| -> Result<ManyArgs> {
+        let mut a = ManyArgs::new(mode);
+        let mut c: u64 = 0;
+        for (j, t) in b.tensors.iter().enumerate() {
+            let n_vec = t.n / epv;
+            let e = &mut a.e[j];
+            e.x = t.x;
+            e.out = t.out;
+            e.n_vec = n_vec as i64;
+            e.slot = (t.slot - b.slot_lo) as i32;
+            e.chunk0 = i32::try_from(c).map_err(|_| {
+                Error::Value("fake_quant_many: too many elements in one call".into())
+            })?;
+            c += n_vec.div_ceil(chunk);
+        }
+        i32::try_from(c)
+            .map_err(|_| Error::Value("fake_quant_many: too many elements in one call".into()))?;
+        a.n_entries = b.tensors.len() as i32;
+        a.n_chunks = c as i64;
+        a.n_slots = (b.slot_hi - b.slot_lo + 1) as i32;
+        Ok(a)
+    };
+    for b in batches {
+        if nv {
+            let mut a = entries(b, AMAX_THREADS as u64 * AMAX_UNROLL)?;
+            let cap =
+                (l.dev.sms as u64 * tuning::amax_ctas_per_sm() as u64).min(AMAX_SCRATCH as u64);
+            let grid = (a.n_chunks as u64).clamp(1, cap);
+            a.amax = amax + 4 * b.slot_lo as u64;
+            a.partials = scratch;
+            a.n_partials = grid as i32;
+            l.launch(
+                l.dev.amax_many_partials[dt as usize],
+                grid,
+                AMAX_THREADS,
+                &a,
+            )?;
+            l.launch(
+                l.dev.amax_many_finalize,
+                a.n_slots as u64,
+                FINALIZE_THREADS,
+                &a,
+            )?;
+        }
+        if b.tensors.is_empty() {
+            continue;
+        }
+        let mut a = entries(b, VEC_THREADS as u64 * VEC_UNROLL)?;
+        a.amax = amax + 4 * b.slot_lo as u64;
+        let cap = l.dev.sms as u64 * tuning::ctas_per_sm() as u64;
+        let grid = (a.n_chunks as u64).clamp(1, cap);
+        l.launch(
+            l.dev.fake_quant_many[fmt as usize][dt as usize],
+            grid,
+            VEC_THREADS,
+            &a,
+        )?;
     }
     Ok(())
 }
