@@ -15,7 +15,8 @@
 * The weight's fake quant is cached per weight version (`data_ptr`, `_version`, shape, dtype,
   device), so micro-batches between two optimizer steps reuse it; the optimizer's in-place
   update bumps `_version` and invalidates it. Under FSDP (detected at install time) and under
-  `torch.compile` the cache is off.
+  `torch.compile` the cache is off. With `prefill=True` the first forward after a change fills
+  every stale cache in one multi-tensor pass (`_Prefill`), same bits.
 * A cached value serves every later forward, whatever its grad mode, so it is always made the
   same way: detached, outside autograd and outside `inference_mode` (`normal_tensor`). A value
   made under `inference_mode` would be an inference tensor: a training forward that reused it
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _cuda
 from .aqn import AqnNoise
 from .constants import DEFAULT_EXCLUDE, INJECTION_POINTS, STE_MODES
 from .ops import STELink, fake_quant_with, normal_tensor, quantizer_for
@@ -69,7 +71,7 @@ class _WeightCache:
     a training forward and the other way round. A weight that is itself an inference tensor
     has no version counter: it is never cached."""
 
-    __slots__ = ("key", "value", "hits", "misses", "linked")
+    __slots__ = ("key", "value", "hits", "misses", "linked", "seen", "filled")
 
     def __init__(self) -> None:
         self.key: Optional[tuple] = None
@@ -77,20 +79,42 @@ class _WeightCache:
         self.hits = 0
         self.misses = 0
         self.linked: Optional[tuple] = None  # (w, value, the STE view), see link()
+        # (data_ptr, _version) of the weight the last prefill looked at (see _Prefill)
+        self.seen: Optional[tuple] = None
+        # the value was filled by a prefill and not served yet: its first use is the miss
+        self.filled = False
+
+    @staticmethod
+    def key_of(w: Tensor, extra: tuple) -> tuple:
+        return (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, extra)
 
     def get(self, w: Tensor, compute, extra: tuple = ()) -> Tensor:
         if w.is_inference():
             self.misses += 1
             return compute(w.detach())
-        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, extra)
+        key = self.key_of(w, extra)
         if key != self.key:
             self.key, self.value, self.linked = None, None, None  # a failed compute leaves no stale entry
+            self.filled = False
             self.value = normal_tensor(compute, w.detach())
             self.key = key
+            self.misses += 1
+        elif self.filled:  # computed ahead by a prefill: counted as the miss it replaces
+            self.filled = False
             self.misses += 1
         else:
             self.hits += 1
         return self.value
+
+    def unseen(self, w: Tensor) -> bool:
+        """Whether no prefill has looked at this version of `w` yet (`w` a normal tensor)."""
+        s = self.seen
+        return s is None or s[1] != w._version or s[0] != w.data_ptr()
+
+    def fill(self, w: Tensor, value: Tensor, extra: tuple) -> None:
+        """Store a value a prefill computed for `w` (the same bits `get` would compute)."""
+        self.key, self.value, self.linked = self.key_of(w, extra), value, None
+        self.filled = True
 
     def link(self, w: Tensor, q: Tensor) -> Tensor:
         """The identity STE's output for a training forward: the values of `q` with `w`'s
@@ -108,7 +132,8 @@ class _WeightCache:
         return got[2]
 
     def clear(self) -> None:
-        self.key, self.value, self.linked = None, None, None
+        self.key, self.value, self.linked, self.seen = None, None, None, None
+        self.filled = False
 
 
 class _GroupAmax:
@@ -121,6 +146,7 @@ class _GroupAmax:
         self.modules = modules
         self.key: Optional[tuple] = None
         self.value: Optional[Tensor] = None
+        self.prefill: Optional["_Prefill"] = None  # the handle's, when on
 
     def version(self) -> tuple:
         """The members' (data_ptr, _version); raises RuntimeError for an inference tensor
@@ -153,9 +179,124 @@ class _GroupAmax:
         except RuntimeError:  # an inference-mode weight: computed each time, never cached
             return self.compute()
         if key != self.key:
+            if self.prefill is not None:  # a member changed: the prefill refreshes the group whole
+                self.prefill.run()
+                if key == self.key:
+                    return self.value
             self.key, self.value = None, None
             self.value, self.key = self.compute(), key
         return self.value
+
+
+class _Prefill:
+    """The fake quant of every stale cached weight of a handle at once: the first forward
+    that finds its own weight changed (the first after an optimizer step) fills the caches
+    of all the others too, in a few multi-tensor launches per dtype and device
+    (`fake_quant_many`: for NVFP4 one amax pass over all of them with one amax per fused
+    group, one fold, one fake quant) instead of one to four launches and their host work per
+    weight. Each value has the bits the weight's own forward would compute, and each cache
+    counts the miss it replaces at its first use. On the CPU it runs one fake quant per
+    weight, as the forwards would. Weights it does not take (inference tensors; on CUDA a
+    layout without whole blocks or an unaligned view), every member of a fused group with
+    such a weight, and a stale weight of a fused group whose amax is still cached, are left
+    to their own forwards. A
+    module that does not run (an unrouted expert) still gets its value: the memory its cache
+    would hold anyway, and the work its forward would have done."""
+
+    def __init__(self, quantizer: _Quantizer, entries: List[tuple]) -> None:
+        self.fmt = quantizer.format
+        self.mode = getattr(quantizer, "scale_mode", "floor")
+        self.block = quantizer.block_size
+        self.direct = quantizer_for(self.fmt, self.mode)  # the CPU path: the op's implementation
+        self.entries = entries  # (module, cache, group or None), in module order
+        self.runs = 0  # prefills that launched something
+        self.kernels: Optional[bool] = None  # the CUDA kernels are there (asked once)
+
+    def run(self) -> None:
+        normal_tensor(self._run)
+
+    def _ready(self, w: Tensor) -> bool:
+        if w.is_inference() or w.dim() == 0 or not w.is_contiguous() or w.dtype not in _MANY_DTYPES:
+            return False
+        if w.device.type == "cpu":  # one fake quant per weight, as its forward would
+            return True
+        if not w.is_cuda:
+            return False
+        if self.kernels is None:
+            self.kernels = _cuda.available()
+        return bool(self.kernels) and w.shape[-1] % self.block == 0 and w.data_ptr() % 16 == 0
+
+    def _run(self) -> None:
+        rows = []
+        group_state: Dict[int, Optional[tuple]] = {}  # id -> the new version if stale, () if fresh, None: left alone
+        for module, cache, group in self.entries:
+            w = _weight_of(module)
+            if w.is_inference():  # no version counter: its forward computes it each time
+                continue
+            cache.seen = (w.data_ptr(), w._version)  # looked at: its forwards do not ask again
+            ok = self._ready(w)
+            st = ()
+            if group is not None:
+                gid = id(group)
+                if gid not in group_state:
+                    group_state[gid] = self._group_state(group)
+                st = group_state[gid]
+                if st is None:
+                    continue
+            if not ok:
+                continue
+            if group is not None:
+                # a stale group goes whole (its amax is a max over all members); a member of
+                # a fresh group with a stale value is left to its forward, which reuses the
+                # group's cached amax
+                if st:
+                    rows.append((cache, group, w))
+                continue
+            k = cache.key
+            if k is None or k[1] != w._version or k[0] != w.data_ptr():
+                rows.append((cache, group, w))
+        if not rows:
+            return
+        by_kind: Dict[tuple, list] = {}
+        for r in rows:
+            by_kind.setdefault((r[2].device, r[2].dtype), []).append(r)
+        for (device, _), part in by_kind.items():
+            for cache, _, _ in part:  # the old values go before the new ones are made
+                cache.key, cache.value, cache.linked = None, None, None
+            ws = [w for _, _, w in part]
+            if device.type == "cpu":
+                outs = []
+                for cache, g, w in part:
+                    if g is not None and group_state[id(g)]:
+                        g.key, g.value = group_state[id(g)], g._amax()
+                        group_state[id(g)] = ()
+                    outs.append(fake_quant_with(self.direct, w.detach(), g.value if g is not None else None))
+            elif self.fmt == "nvfp4":
+                slot_of: Dict[int, int] = {}
+                slots = [slot_of.setdefault(id(g) if g is not None else -1 - i, len(slot_of))
+                         for i, (_, g, _) in enumerate(part)]
+                outs, amax = _cuda.fake_quant_many(ws, "nvfp4", "floor", slots, len(slot_of))
+                for (cache, g, w), s in zip(part, slots):
+                    if g is not None and group_state[id(g)]:
+                        g.key, g.value = group_state[id(g)], amax[s]
+                        group_state[id(g)] = ()  # set once
+            else:
+                outs, _ = _cuda.fake_quant_many(ws, self.fmt, self.mode)
+            for (cache, g, w), out in zip(part, outs):
+                cache.fill(w, out, g.key if g is not None else ())
+        self.runs += 1
+
+    def _group_state(self, group: "_GroupAmax") -> Optional[tuple]:
+        """For a group whose members are all `_ready` and in this handle's caches: its new
+        version if the cached amax is stale, () if not; None for a group left alone."""
+        ws = [_weight_of(m) for m in group.modules]
+        if not all(self._ready(w) for w in ws) or len({(w.device, w.dtype) for w in ws}) != 1:
+            return None
+        v = tuple([(w.data_ptr(), w._version) for w in ws])
+        return v if v != group.key else ()
+
+
+_MANY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _weight_of(module: torch.nn.Module) -> Tensor:
@@ -191,6 +332,7 @@ class QuantizationHandle:
         self._decisions: List[ModuleDecision] = decisions
         self._wrapped: Dict[str, Tuple[torch.nn.Module, _WeightCache]] = wrapped
         self._groups: List["_GroupAmax"] = []
+        self._prefill: Optional[_Prefill] = None
         self.removed = False
 
     @property
@@ -246,7 +388,7 @@ class QuantizationHandle:
 
 
 def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, cache: Optional[_WeightCache],
-                  group: Optional[_GroupAmax] = None):
+                  group: Optional[_GroupAmax] = None, prefill: Optional[_Prefill] = None):
     mode = getattr(quantizer, "scale_mode", "floor")
     fmt = quantizer.format
     q_weight = injection_point in ("weight", "both")
@@ -260,8 +402,10 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
     def weight_q(w: Tensor) -> Tensor:
         if not q_weight:
             return w
-        amax = group.get() if group is not None else None
         if cache is not None and not torch.compiler.is_compiling():
+            if prefill is not None and not w.is_inference() and cache.unseen(w):
+                prefill.run()  # the weights changed: fill every stale cache at once
+            amax = group.get() if group is not None else None
             extra = group.key if group is not None else ()
             qw = cache.get(w, lambda wd: fake_quant_with(direct, wd, amax), extra)
             if torch.is_grad_enabled() and w.requires_grad:
@@ -269,6 +413,7 @@ def _make_forward(module, kind: str, quantizer, injection_point: str, ste: str, 
                     return cache.link(w, qw)
                 return STELink.apply(w, qw, fmt, mode, ste, amax)
             return qw
+        amax = group.get() if group is not None else None
         return torch.ops.aqn_rs.fake_quant(w, fmt, mode, ste, amax)
 
     def effective_weight(self) -> Tensor:
@@ -312,6 +457,7 @@ def quantize_model(
     ste: str = "identity",
     cache: bool = True,
     fuse_global_scales: bool = True,
+    prefill: bool = False,
 ) -> QuantizationHandle:
     """Make the selected modules of `model` compute with fake-quantized weights/activations.
 
@@ -329,6 +475,12 @@ def quantize_model(
         fuse_global_scales: NVFP4 only: the members of a group that vLLM fuses into one layer
             (q/k/v_proj, gate/up_proj under one parent) share one tensor amax, the max of
             theirs, so fake quant equals what vLLM computes from `aqn_rs.export`'s checkpoint.
+        prefill: with the cache on, the first forward after the weights change fake-quantizes
+            every changed weight at once (a few multi-tensor launches on CUDA instead of a
+            few per weight), so later modules find their value cached. The values are the
+            same bits; False computes each at its own module's forward. Off by default
+            until the multi-tensor kernels' GPU tests (tests/exact/test_cuda_many.py) and the
+            step benchmark (benchmarks/bench_step.py, its -noprefill column) have run on a GPU.
 
     Returns:
         A `QuantizationHandle` (`remove()`, `summary()`, `format_summary()`, `cache_stats()`).
@@ -380,13 +532,20 @@ def quantize_model(
             groups.update({n: g for n in members})
 
     wrapped: Dict[str, Tuple[torch.nn.Module, _WeightCache]] = {}
+    caches = {name: _WeightCache() for name, _, _ in chosen} if use_cache else {}
+    pre = None
+    if use_cache and prefill and injection_point != "activation":
+        pre = _Prefill(quantizer, [(m, caches[n], groups.get(n)) for n, m, _ in chosen])
+        for g in groups.values():
+            g.prefill = pre
     for name, module, kind in chosen:
-        c = _WeightCache() if use_cache else None
-        module.forward = _make_forward(module, kind, quantizer, injection_point, ste, c, groups.get(name))
+        c = caches.get(name)
+        module.forward = _make_forward(module, kind, quantizer, injection_point, ste, c, groups.get(name), pre)
         module.__dict__["_aqn_rs_handle"] = True
         wrapped[name] = (module, c if c is not None else _WeightCache())
     handle = QuantizationHandle(model, quantizer, injection_point, ste, decisions, wrapped)
     handle._groups = list({id(g): g for g in groups.values()}.values())
+    handle._prefill = pre
     return handle
 
 

@@ -214,7 +214,7 @@ class Pair:
     """The model under test (cached hooks) and the reference, driven in lockstep."""
 
     def __init__(self, qname: str = "nvfp4", ste: str = "identity", aqn: str = "off", seed: int = 0,
-                 device: str = "cpu", compile_model: bool = False):
+                 device: str = "cpu", compile_model: bool = False, prefill: bool = False):
         self.device = device
         q = QUANTIZERS[qname]()
         self.fmt, self.mode = q.format, getattr(q, "scale_mode", "floor")
@@ -227,7 +227,7 @@ class Pair:
             kw = dict(layer_types=layer_types, apply_to="actor", seed=seed + 7, exclude=("norm", "lm_head"))
             self.noise = aqn_rs.AqnNoise(sched, **kw)
             self.noise_ref = aqn_rs.AqnNoise(sched, **kw)
-        self.handle = aqn_rs.quantize_model(self.test, q, ste=ste, exclude=("lm_head",))
+        self.handle = aqn_rs.quantize_model(self.test, q, ste=ste, exclude=("lm_head",), prefill=prefill)
         self.noise_handle = aqn_rs.attach_noise(self.test, self.noise) if self.noise is not None else None
         reference_hooks(self.ref, self.fmt, self.mode, ste, self.noise_ref, linear_noise=aqn == "norm+linear")
         self.run = torch.compile(self.test, backend="aot_eager") if compile_model else self.test
@@ -432,9 +432,10 @@ def drive(pair: Pair, ops):
     pair.check_weights()
 
 
+@pytest.mark.parametrize("prefill", (False, True))
 @pytest.mark.parametrize("qname,ste,aqn", CONFIGS)
-def test_every_operation_in_one_sequence(qname, ste, aqn):
-    pair = Pair(qname, ste, aqn)
+def test_every_operation_in_one_sequence(qname, ste, aqn, prefill):
+    pair = Pair(qname, ste, aqn, prefill=prefill)
     drive(pair, ALL_OPS)
     assert pair.step == 4
     # the clipped STE really zeroed some gradient entries (the test's inputs clip)
@@ -451,9 +452,9 @@ def test_every_operation_in_one_sequence(qname, ste, aqn):
 class GradModes(RuleBasedStateMachine):
     """Random interleavings, random configuration; the checks run inside every rule."""
 
-    @initialize(cfg=st.sampled_from(CONFIGS), seed=st.integers(0, 3))
-    def setup(self, cfg, seed):
-        self.pair = Pair(*cfg, seed=seed)
+    @initialize(cfg=st.sampled_from(CONFIGS), seed=st.integers(0, 3), prefill=st.booleans())
+    def setup(self, cfg, seed, prefill):
+        self.pair = Pair(*cfg, seed=seed, prefill=prefill)
 
     @rule()
     def train(self):

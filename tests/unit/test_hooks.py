@@ -4,6 +4,7 @@ written, STE gradients, cache per weight version, remove(), torch.compile."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -370,3 +371,89 @@ def test_cached_ste_under_gradient_checkpointing_and_micro_batches(fmt, reentran
         assert sorted(a) == sorted(b) and len(a) > 10
         for n in a:
             assert torch.equal(bits(a[n]), bits(b[n])), n
+
+
+@pytest.mark.parametrize("fmt", ("mxfp4", "nvfp4"))
+def test_prefill_equals_per_module_fake_quant(fmt):
+    """The prefill (every changed weight fake-quantized at the first forward after a step)
+    gives the bits, gradients and cache counts of computing each at its own forward: two
+    steps of three micro-batches, a partial update (one weight of a fused group changed, so
+    its group is refreshed and nothing else), invalidate(), and no_grad in between."""
+    quant = (lambda: aqn_rs.Mxfp4Quantizer("even")) if fmt == "mxfp4" else aqn_rs.Nvfp4Quantizer
+    runs = []
+    for prefill in (True, False):
+        model = tiny_llama().train()
+        h = aqn_rs.quantize_model(model, quant(), prefill=prefill)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        seen = []
+        for step in range(2):
+            for mb in range(3):
+                x = ids(seed=10 * step + mb)
+                out = model(x, labels=x)
+                out.loss.backward()
+                seen.append(bits(out.logits.detach()).clone())
+            seen += [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            seen.append(bits(model(ids(seed=97)).logits).clone())  # after the last step
+        stats_steps = h.cache_stats()
+        with torch.no_grad():
+            model.model.layers[1].self_attn.k_proj.weight.add_(0.25)  # one member of q/k/v
+            seen.append(bits(model(ids(seed=99)).logits).clone())
+            refreshed = h.cache_stats()["misses"] - stats_steps["misses"]
+            h.invalidate()
+            seen.append(bits(model(ids(seed=98)).logits).clone())
+        runs.append((seen, stats_steps, refreshed, h.cache_stats(), h._prefill))
+        h.remove()
+    (a, st_a, ref_a, end_a, pre), (b, st_b, ref_b, end_b, none) = runs
+    assert none is None and pre is not None
+    assert pre.runs == 5  # two steps' first forwards, the step before the edit, the edit, invalidate
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert st_a == st_b == {"hits": 2 * 2 * 14, "misses": 3 * 14}
+    assert ref_a == ref_b == (3 if fmt == "nvfp4" else 1)  # the group, or k_proj alone
+    assert end_a == end_b
+
+
+def test_prefill_leaves_unready_weights_to_their_forward():
+    """A weight the prefill does not take (an inference tensor here) is computed by its own
+    forward, every time, and the others are still prefilled once per version."""
+    model = tiny_llama().eval()
+    h = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer(), prefill=True)
+    down = model.model.layers[0].mlp.down_proj
+    with torch.inference_mode():
+        w_inf = down.weight.detach().clone()
+    del down._parameters["weight"]
+    down.weight = w_inf  # an inference tensor as the weight (no version counter)
+    x = ids()
+    with torch.no_grad():
+        y = model(x).logits
+        model(x)
+    assert h._prefill.runs == 1
+    stats = h.cache_stats()
+    assert stats["misses"] == 13 + 2  # 13 cached once, the inference weight at both forwards
+    h.remove()
+    with torch.no_grad():
+        want = manual_reference(model, "nvfp4")(x).logits
+    assert torch.equal(bits(y), bits(want))
+
+
+def test_fake_quant_many_cpu_equals_fake_quant_per_group():
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(8, 64, generator=g) * s for s in (1.0, 30.0, 0.01, 4.0)]
+    xs[2][0, 5] = float("nan")
+    q = aqn_rs.Nvfp4Quantizer()
+    outs, amaxes = q.fake_quant_many(xs, groups=["a", "b", "a", "c"], return_amax=True)
+    assert math.isnan(amaxes[0]) and math.isnan(amaxes[2]) and amaxes[1] == float(xs[1].abs().max())
+    for x, o, a in zip(xs, outs, amaxes):
+        assert torch.equal(bits(o), bits(q.fake_quant(x, amax=a)))
+    for x, o in zip(xs, q.fake_quant_many(xs)):  # no groups: each its own amax
+        assert torch.equal(bits(o), bits(q.fake_quant(x)))
+    mx = aqn_rs.Mxfp4Quantizer("rceil")
+    for x, o in zip(xs, mx.fake_quant_many(xs)):
+        assert torch.equal(bits(o), bits(mx.fake_quant(x)))
+    with pytest.raises(ValueError, match="2 group labels"):
+        q.fake_quant_many(xs, groups=[0, 1])
+    assert q.fake_quant_many([]) == [] and mx.fake_quant_many([]) == []
