@@ -55,10 +55,12 @@ VERL_DIR = REPO / ".peers" / "verl_qat"  # .peers/ as in benchmarks/bench_kernel
 # __init__s are left empty (verl's import ray, vLLM patches, ...).
 VERL_FILES = ("verl/base_config.py", "verl/utils/qat/core.py", "verl/utils/qat/linear.py")
 VERL_NAME = "verl-qatlinear-nvfp4"
-AQN_VARIANTS = [  # name, quantizer, AQN noise on
-    ("w4a16-mxfp4", lambda: aqn_rs.Mxfp4Quantizer("floor"), None),
-    ("w4a16-nvfp4", aqn_rs.Nvfp4Quantizer, None),
-    ("w4a16-nvfp4+aqn", aqn_rs.Nvfp4Quantizer, "rmsnorm"),
+AQN_VARIANTS = [  # name, quantizer, AQN noise on, prefill (quantize_model's)
+    ("w4a16-mxfp4", lambda: aqn_rs.Mxfp4Quantizer("floor"), None, True),
+    ("w4a16-nvfp4", aqn_rs.Nvfp4Quantizer, None, True),
+    ("w4a16-nvfp4+aqn", aqn_rs.Nvfp4Quantizer, "rmsnorm", True),
+    # each weight fake-quantized at its own forward, as before the prefill: its A/B
+    ("w4a16-nvfp4-noprefill", aqn_rs.Nvfp4Quantizer, None, False),
 ]
 ORDER = ["none-before"] + [v[0] for v in AQN_VARIANTS] + [VERL_NAME, "none-after"]
 
@@ -137,9 +139,9 @@ def attach(model, name):
     if name == VERL_NAME:
         return attach_verl(model)
     handles = []
-    for vname, make_quantizer, noise_on in AQN_VARIANTS:
+    for vname, make_quantizer, noise_on, prefill in AQN_VARIANTS:
         if vname == name:
-            handles.append(aqn_rs.quantize_model(model, make_quantizer()))
+            handles.append(aqn_rs.quantize_model(model, make_quantizer(), prefill=prefill))
             if noise_on is not None:
                 sched = aqn_rs.SigmaScheduler(0.05, 5e-4, 10, 100)
                 noise = aqn_rs.AqnNoise(sched, layer_types=(noise_on,), apply_to="actor", seed=0)
@@ -206,7 +208,7 @@ def profile_step(model, opt, batch, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
-    for name in ("none", "w4a16-nvfp4", "w4a16-mxfp4"):
+    for name in ("none", "w4a16-nvfp4", "w4a16-nvfp4-noprefill", "w4a16-mxfp4"):
         after_step, undo = attach(model, name)
         try:
             time_steps(model, opt, batch, 0, args.profile_micro, args.device, after_step)
