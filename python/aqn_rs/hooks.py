@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import _cuda
 from .aqn import AqnNoise
-from .constants import DEFAULT_EXCLUDE, INJECTION_POINTS, STE_MODES
+from .constants import DEFAULT_EXCLUDE, DTYPE_TAGS, INJECTION_POINTS, STE_MODES
 from .ops import STELink, fake_quant_with, normal_tensor, quantizer_for
 
 # The op's public names, importable from here as they were when the op lived in this module.
@@ -199,9 +199,8 @@ class _Prefill:
     weight, as the forwards would. Weights it does not take (inference tensors; on CUDA a
     layout without whole blocks or an unaligned view), every member of a fused group with
     such a weight, and a stale weight of a fused group whose amax is still cached, are left
-    to their own forwards. A
-    module that does not run (an unrouted expert) still gets its value: the memory its cache
-    would hold anyway, and the work its forward would have done."""
+    to their own forwards. A module that does not run (an unrouted expert) still gets its
+    value: the memory its cache would hold anyway, and the work its forward would have done."""
 
     def __init__(self, quantizer: _Quantizer, entries: List[tuple]) -> None:
         self.fmt = quantizer.format
@@ -224,7 +223,7 @@ class _Prefill:
             return False
         if self.kernels is None:
             self.kernels = _cuda.available()
-        return bool(self.kernels) and w.shape[-1] % self.block == 0 and w.data_ptr() % 16 == 0
+        return bool(self.kernels) and _cuda.many_ready([w], self.block)
 
     def _run(self) -> None:
         rows = []
@@ -296,7 +295,8 @@ class _Prefill:
         return v if v != group.key else ()
 
 
-_MANY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The dtypes the quantizers take (CPU and CUDA alike).
+_MANY_DTYPES = tuple(getattr(torch, name) for name in DTYPE_TAGS)
 
 
 def _weight_of(module: torch.nn.Module) -> Tensor:
