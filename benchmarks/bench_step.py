@@ -63,6 +63,20 @@ AQN_VARIANTS = [  # name, quantizer, AQN noise on, prefill (quantize_model's)
     ("w4a16-nvfp4-noprefill", aqn_rs.Nvfp4Quantizer, None, False),
 ]
 ORDER = ["none-before"] + [v[0] for v in AQN_VARIANTS] + [VERL_NAME, "none-after"]
+# `--many-batch-mb N`: w4a16-nvfp4 (prefill on) with the multi-tensor NVFP4 launches capped at
+# N MiB of weights each (`cuda_set_tuning(many_batch_bytes=)`): the amax pass and the fake
+# quant of a launch then run back to back over bytes that can still be in L2, at the cost of
+# more launches. One column per N, inserted before verl's.
+L2B_PREFIX = "w4a16-nvfp4-batch"
+
+
+def l2b_name(mb: float) -> str:
+    return f"{L2B_PREFIX}{mb:g}MiB"
+
+
+def order_for(args) -> list:
+    extra = [l2b_name(mb) for mb in args.many_batch_mb]
+    return ORDER[:-2] + extra + ORDER[-2:]
 
 
 def build(args):
@@ -138,6 +152,17 @@ def attach(model, name):
     """Put `name`'s quantization on the model; returns (after optimizer step or None, undo)."""
     if name == VERL_NAME:
         return attach_verl(model)
+    if name.startswith(L2B_PREFIX):
+        mb = float(name[len(L2B_PREFIX):-len("MiB")])
+        before = aqn_rs._aqn_rs.cuda_set_tuning()[3]  # RuntimeError without the kernels: skipped
+        aqn_rs._aqn_rs.cuda_set_tuning(many_batch_bytes=int(mb * (1 << 20)))
+        h = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer(), prefill=True)
+
+        def undo():
+            h.remove()
+            aqn_rs._aqn_rs.cuda_set_tuning(many_batch_bytes=before)
+
+        return None, undo
     handles = []
     for vname, make_quantizer, noise_on, prefill in AQN_VARIANTS:
         if vname == name:
@@ -202,13 +227,15 @@ def measure(model, opt, batch, args, name, micro, host=None):
 
 
 def profile_step(model, opt, batch, args) -> dict:
-    """One step of each of none / w4a16-nvfp4 / w4a16-mxfp4 at --profile-micro micro-batches under torch's
-    profiler (after two warm-up steps): CUDA kernel launches per step and where the host time
-    goes; the quantized step's extra launches and host ops are what its overhead is made of."""
+    """One step of each of none / w4a16-nvfp4 (prefill on, off, each --many-batch-mb) /
+    w4a16-mxfp4 at --profile-micro micro-batches under torch's profiler (after two warm-up
+    steps): CUDA kernel launches per step and where the host time goes; the quantized step's
+    extra launches and host ops are what its overhead is made of."""
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
-    for name in ("none", "w4a16-nvfp4", "w4a16-nvfp4-noprefill", "w4a16-mxfp4"):
+    names = ["none", "w4a16-nvfp4", "w4a16-nvfp4-noprefill"] + [l2b_name(mb) for mb in args.many_batch_mb]
+    for name in names + ["w4a16-mxfp4"]:
         after_step, undo = attach(model, name)
         try:
             time_steps(model, opt, batch, 0, args.profile_micro, args.device, after_step)
@@ -251,7 +278,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true",
                     help="profile one step of none / nvfp4 / mxfp4 first (launches, host time)")
     ap.add_argument("--profile-micro", type=int, default=1, help="the micro-batch count of the --profile step")
+    ap.add_argument("--many-batch-mb", type=float, nargs="*", default=[],
+                    help="extra w4a16-nvfp4 columns with the multi-tensor launches capped at N MiB of weights")
     args = ap.parse_args(argv)
+    if any(mb <= 0 for mb in args.many_batch_mb):
+        ap.error(f"--many-batch-mb sizes must be > 0: got {args.many_batch_mb}")
+    order = order_for(args)
     if any(m < 1 for m in args.micro):
         ap.error(f"--micro counts must be >= 1: got {args.micro}")
     if args.micro_size is not None and args.micro_size < 1:
@@ -281,40 +313,40 @@ def main(argv=None) -> dict:
     for r in range(1, args.rounds + 1):
         for micro in args.micro:
             got = {}
-            for name in ORDER:
+            for name in order:
                 if name in skipped:
                     continue
                 host = []
                 times, why = measure(model, opt, batches[micro], args, name, micro, host)
                 if why is not None:
                     skipped[name] = why
-                    print(f"round {r} micro {micro}  {name:<22}skipped: {why}", flush=True)
+                    print(f"round {r} micro {micro}  {name:<26}skipped: {why}", flush=True)
                     continue
                 got[name] = (statistics.median(times), times, host)
             base = (got["none-before"][0] + got["none-after"][0]) / 2
             for name, (ms, times, host) in got.items():
                 rows.append({"round": r, "micro": micro, "variant": name, "ms": ms, "ratio": ms / base,
                              "min_ms": min(times), "times_ms": times, "host_ms": host})
-                print(f"round {r} micro {micro}  {name:<22}{ms:>10.2f} ms/step{ms / base:>8.3f}x "
+                print(f"round {r} micro {micro}  {name:<26}{ms:>10.2f} ms/step{ms / base:>8.3f}x "
                       f"(min {min(times):.2f}, host {statistics.median(host):.2f})", flush=True)
 
     summary = {}
     for micro in args.micro:
-        for name in ORDER:
+        for name in order:
             mine = [x for x in rows if x["micro"] == micro and x["variant"] == name]
             if mine:
                 summary.setdefault(str(micro), {})[name] = {
                     "ms": statistics.median(x["ms"] for x in mine),
                     "ratio": statistics.median(x["ratio"] for x in mine)}
     print(f"{card}: median over {args.rounds} rounds, ms/step (overhead vs the mean of none before/after)")
-    print(f"{'variant':<22}" + "".join(f"{f'micro {m}':>22}" for m in args.micro))
-    for name in ORDER:
+    print(f"{'variant':<26}" + "".join(f"{f'micro {m}':>23}" for m in args.micro))
+    for name in order:
         if name in skipped:
-            print(f"{name:<22}skipped: {skipped[name]}")
+            print(f"{name:<26}skipped: {skipped[name]}")
             continue
         cells = [summary[str(m)][name] for m in args.micro]
-        print(f"{name:<22}" + "".join(f"{c['ms']:>12.2f} ({100 * (c['ratio'] - 1):+5.1f}%)" for c in cells))
-    result = {"card": card, "params": nparams, "args": vars(args), "order": ORDER,
+        print(f"{name:<26}" + "".join(f"{c['ms']:>12.2f} ({100 * (c['ratio'] - 1):+6.2f}%)" for c in cells))
+    result = {"card": card, "params": nparams, "args": vars(args), "order": order,
               "rows": rows, "summary": summary, "skipped": skipped, "profile": prof}
     if args.json:
         with open(args.json, "w") as f:

@@ -119,7 +119,10 @@ pub struct ManyBatch {
 /// elements with last dimension `ks[i]`; NVFP4: `slots[i]` < `n_slots` names its shared
 /// amax, and `scratch_len` f32 of scratch hold `n_slots * AMAX_SCRATCH` partials) and splits
 /// them into launches. Every tensor must have the vector layout (whole blocks along `k`);
-/// pointer alignment and memory are checked at launch. NVFP4 tensors go in slot order.
+/// pointer alignment and memory are checked at launch. NVFP4 tensors go in slot order, and
+/// with `max_elems` > 0 an NVFP4 launch closes before a slot's tensors would take it past that
+/// many elements (a slot larger than that goes alone): its amax pass and its fake quant then
+/// run back to back over bytes that can still be in L2 (see `tuning::many_batch_bytes`).
 // One parameter per argument of the Python entry point it serves.
 #[allow(clippy::too_many_arguments)]
 pub fn many_batches(
@@ -131,6 +134,7 @@ pub fn many_batches(
     slots: &[u32],
     n_slots: u64,
     scratch_len: u64,
+    max_elems: u64,
 ) -> Result<Vec<ManyBatch>> {
     let len = xs.len();
     let nv = fmt == Fmt::Nvfp4;
@@ -197,6 +201,7 @@ pub fn many_batches(
     let mut batches = Vec::new();
     let mut cur: Vec<ManyTensor> = Vec::new();
     let mut lo: u32 = 0;
+    let mut cur_elems: u64 = 0;
     let mut i = 0;
     while i < tensors.len() {
         let slot = tensors[i].slot;
@@ -207,7 +212,9 @@ pub fn many_batches(
                 abi::MANY_MAX
             )));
         }
-        if cur.len() + run > abi::MANY_MAX {
+        let run_elems: u64 = tensors[i..i + run].iter().map(|t| t.n).sum();
+        let over = max_elems > 0 && !cur.is_empty() && cur_elems + run_elems > max_elems;
+        if cur.len() + run > abi::MANY_MAX || over {
             let hi = cur.last().map(|t| t.slot).unwrap_or(lo);
             batches.push(ManyBatch {
                 tensors: std::mem::take(&mut cur),
@@ -215,7 +222,9 @@ pub fn many_batches(
                 slot_hi: hi,
             });
             lo = hi + 1;
+            cur_elems = 0;
         }
+        cur_elems += run_elems;
         cur.extend_from_slice(&tensors[i..i + run]);
         i += run;
     }
@@ -244,6 +253,7 @@ mod tests {
             slots,
             n_slots,
             n_slots * abi::AMAX_SCRATCH as u64,
+            0,
         )
     }
 
@@ -286,18 +296,68 @@ mod tests {
     fn bad_arguments_are_errors() {
         assert!(plan(&[0; 127], 1).is_err()); // one slot, more members than a launch holds
         assert!(plan(&[1], 1).is_err()); // slot out of range
-        let e = many_batches(Fmt::Nvfp4, &[1], &[1], &[48], &[24], &[0], 1, 1024);
+        let e = many_batches(Fmt::Nvfp4, &[1], &[1], &[48], &[24], &[0], 1, 1024, 0);
         assert!(e.is_err()); // 24 is not a multiple of the 16-element block
-        let e = many_batches(Fmt::Nvfp4, &[1], &[1], &[64], &[16], &[0], 1, 1023);
+        let e = many_batches(Fmt::Nvfp4, &[1], &[1], &[64], &[16], &[0], 1, 1023, 0);
         assert!(e.is_err()); // scratch too small
-        let e = many_batches(Fmt::Mxfp4, &[1, 2], &[1], &[64, 64], &[32, 32], &[], 0, 0);
+        let e = many_batches(
+            Fmt::Mxfp4,
+            &[1, 2],
+            &[1],
+            &[64, 64],
+            &[32, 32],
+            &[],
+            0,
+            0,
+            0,
+        );
         assert!(e.is_err()); // lengths differ
+    }
+
+    #[test]
+    fn element_cap_closes_launches_between_slots() {
+        // slots 0 (2 x 64), 1 (1 x 512: over the cap, alone), 2 (3 x 64), 3 (1 x 64), 4 empty
+        let slots = [0, 0, 1, 2, 2, 2, 3];
+        let ns = [64, 64, 512, 64, 64, 64, 64];
+        let xs: Vec<u64> = (1..=7).collect();
+        let b = many_batches(
+            Fmt::Nvfp4,
+            &xs,
+            &xs,
+            &ns,
+            &[16; 7],
+            &slots,
+            5,
+            5 * abi::AMAX_SCRATCH as u64,
+            200,
+        )
+        .unwrap();
+        let got: Vec<(u32, u32, usize)> = b
+            .iter()
+            .map(|b| (b.slot_lo, b.slot_hi, b.tensors.len()))
+            .collect();
+        // 128 + 512 > 200 closes [0]; 512 alone; 192 fits; 192 + 64 > 200 closes [2]; the
+        // last launch folds the empty slot 4
+        assert_eq!(got, vec![(0, 0, 2), (1, 1, 1), (2, 2, 3), (3, 4, 1)]);
+        let all = many_batches(
+            Fmt::Nvfp4,
+            &xs,
+            &xs,
+            &ns,
+            &[16; 7],
+            &slots,
+            5,
+            5 * abi::AMAX_SCRATCH as u64,
+            0,
+        )
+        .unwrap();
+        assert_eq!(all.len(), 1); // no cap: one launch
     }
 
     #[test]
     fn mxfp4_batches_by_count() {
         let xs: Vec<u64> = (1..=130).collect();
-        let b = many_batches(Fmt::Mxfp4, &xs, &xs, &[64; 130], &[32; 130], &[], 0, 0).unwrap();
+        let b = many_batches(Fmt::Mxfp4, &xs, &xs, &[64; 130], &[32; 130], &[], 0, 0, 0).unwrap();
         assert_eq!(
             b.iter().map(|b| b.tensors.len()).collect::<Vec<_>>(),
             vec![126, 4]

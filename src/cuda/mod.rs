@@ -110,27 +110,30 @@ fn cuda_device_count() -> PyResult<i32> {
 }
 
 /// Benchmark knobs (None keeps a value): grid caps, in CTAs per SM, of the element kernels
-/// and of the amax reduction, and whether the kernel after an amax pass is a programmatic
-/// dependent launch (sm_90+). Returns the values in force.
+/// and of the amax reduction, whether the kernel after an amax pass is a programmatic
+/// dependent launch (sm_90+), and the bytes of weights per multi-tensor NVFP4 launch (0: as
+/// many tensors as a launch holds). Returns the values in force.
 #[pyfunction]
-#[pyo3(signature = (ctas_per_sm = None, amax_ctas_per_sm = None, pdl = None))]
+#[pyo3(signature = (ctas_per_sm = None, amax_ctas_per_sm = None, pdl = None, many_batch_bytes = None))]
 fn cuda_set_tuning(
     ctas_per_sm: Option<u32>,
     amax_ctas_per_sm: Option<u32>,
     pdl: Option<bool>,
-) -> PyResult<(u32, u32, bool)> {
+    many_batch_bytes: Option<u64>,
+) -> PyResult<(u32, u32, bool, u64)> {
     #[cfg(aqn_cuda)]
     {
         tuning::set(
             ctas_per_sm,
             amax_ctas_per_sm.map(|v| v.min(abi::AMAX_SCRATCH as u32)),
             pdl,
+            many_batch_bytes,
         );
         Ok(tuning::get())
     }
     #[cfg(not(aqn_cuda))]
     {
-        let _ = (ctas_per_sm, amax_ctas_per_sm, pdl);
+        let _ = (ctas_per_sm, amax_ctas_per_sm, pdl, many_batch_bytes);
         Ok(not_built()?)
     }
 }
@@ -387,6 +390,19 @@ fn cuda_amax_many(
 /// it, 16-byte aligned). NVFP4: tensor i uses the amax of slot `slots[i]` (< `n_slots`), the
 /// max |x| over every tensor of that slot, computed here into the `n_slots` f32 at `amax`
 /// (`scratch`: `scratch_len` f32, at least `n_slots * AMAX_SCRATCH`); MXFP4 takes no slots.
+/// The multi-tensor NVFP4 launch size knob (`tuning::many_batch_bytes`; a CPU-only build has
+/// no knobs).
+fn many_batch_bytes() -> u64 {
+    #[cfg(aqn_cuda)]
+    {
+        tuning::many_batch_bytes()
+    }
+    #[cfg(not(aqn_cuda))]
+    {
+        0
+    }
+}
+
 #[pyfunction]
 // The Python signature: _cuda.py passes each buffer and size as its own argument.
 #[allow(clippy::too_many_arguments)]
@@ -409,7 +425,22 @@ fn cuda_fake_quant_many(
     let fmt = args::format(fmt)?;
     let mode = args::mode_number(fmt, mode)?;
     let dt = args::dtype(dtype)?;
-    let batches = args::many_batches(fmt, &xs, &outs, &ns, &ks, &slots, n_slots, scratch_len)?;
+    let max_elems = if fmt == Fmt::Nvfp4 {
+        many_batch_bytes() / dt.size() as u64
+    } else {
+        0 // one pass: nothing to keep in L2 between launches
+    };
+    let batches = args::many_batches(
+        fmt,
+        &xs,
+        &outs,
+        &ns,
+        &ks,
+        &slots,
+        n_slots,
+        scratch_len,
+        max_elems,
+    )?;
     Ok(kernels!(ops::fake_quant_many(
         fmt, mode, dt, device, stream, &batches, n_slots, amax, scratch
     ))?)

@@ -1,7 +1,8 @@
-//! Launch knobs for the benchmark only (`cuda_set_tuning`): grid caps in CTAs per SM and the
-//! programmatic dependent launch switch. Process-wide; the defaults are what every user gets.
+//! Launch knobs for the benchmark only (`cuda_set_tuning`): grid caps in CTAs per SM, the
+//! programmatic dependent launch switch and the multi-tensor NVFP4 launch size. Process-wide;
+//! the defaults are what every user gets.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Grid caps: element kernels launch at most `sms * CTAS_PER_SM` CTAs (grid-stride beyond),
 /// the amax pass at most `sms * AMAX_CTAS_PER_SM`.
@@ -9,9 +10,21 @@ static CTAS_PER_SM: AtomicU32 = AtomicU32::new(32);
 static AMAX_CTAS_PER_SM: AtomicU32 = AtomicU32::new(2);
 /// Programmatic dependent launch of the kernel after an amax pass (sm_90+).
 static PDL: AtomicBool = AtomicBool::new(true);
+/// Bytes of weights per multi-tensor NVFP4 launch (0: up to the 126 entries a launch holds).
+/// Smaller launches keep what the amax pass read in L2 for the fake quant right after it, at
+/// the cost of more launches; `benchmarks/bench_step.py` measures the trade.
+static MANY_BATCH_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Sets the given knobs (None keeps a value; the caps are at least 1).
-pub fn set(ctas_per_sm: Option<u32>, amax_ctas_per_sm: Option<u32>, pdl: Option<bool>) {
+pub fn set(
+    ctas_per_sm: Option<u32>,
+    amax_ctas_per_sm: Option<u32>,
+    pdl: Option<bool>,
+    many_batch_bytes: Option<u64>,
+) {
+    if let Some(v) = many_batch_bytes {
+        MANY_BATCH_BYTES.store(v, Ordering::Relaxed);
+    }
     if let Some(v) = pdl {
         PDL.store(v, Ordering::Relaxed);
     }
@@ -23,9 +36,13 @@ pub fn set(ctas_per_sm: Option<u32>, amax_ctas_per_sm: Option<u32>, pdl: Option<
     }
 }
 
-/// `(ctas_per_sm, amax_ctas_per_sm, pdl)` in force.
-pub fn get() -> (u32, u32, bool) {
-    (ctas_per_sm(), amax_ctas_per_sm(), pdl())
+/// `(ctas_per_sm, amax_ctas_per_sm, pdl, many_batch_bytes)` in force.
+pub fn get() -> (u32, u32, bool, u64) {
+    (ctas_per_sm(), amax_ctas_per_sm(), pdl(), many_batch_bytes())
+}
+
+pub fn many_batch_bytes() -> u64 {
+    MANY_BATCH_BYTES.load(Ordering::Relaxed)
 }
 
 pub fn ctas_per_sm() -> u32 {

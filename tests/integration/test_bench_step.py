@@ -109,3 +109,31 @@ def test_verl_peer_is_applied_and_invalidated_as_verl_does(bench, monkeypatch):
     undo()
     assert {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == before
     assert not hasattr(model, "_qat_fuse_enabled")
+
+
+def test_many_batch_columns_set_and_restore_the_launch_size(bench, monkeypatch):
+    """--many-batch-mb N adds a w4a16-nvfp4 column per N, before verl's, with the multi-tensor
+    launch size set while it runs and the previous value back after; without the CUDA kernels
+    the column says why it is skipped."""
+    rs = bench.aqn_rs._aqn_rs
+    try:
+        before = rs.cuda_set_tuning()
+    except RuntimeError:
+        res = bench.main(TINY + ["--rounds", "1", "--micro", "1", "--many-batch-mb", "8"])
+        assert "without CUDA kernels" in res["skipped"]["w4a16-nvfp4-batch8MiB"]
+        return
+    seen = []
+    real = bench.time_steps
+
+    def spy(*a, **k):
+        seen.append(rs.cuda_set_tuning()[3])
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "time_steps", spy)
+    res = bench.main(TINY + ["--rounds", "1", "--micro", "1", "--many-batch-mb", "8", "0.5"])
+    names = ["w4a16-nvfp4-batch8MiB", "w4a16-nvfp4-batch0.5MiB"]
+    assert res["order"][-4:] == names + [bench.VERL_NAME, "none-after"]
+    assert all(n in res["summary"]["1"] for n in names)
+    assert {8 << 20, 1 << 19} <= set(seen) and rs.cuda_set_tuning() == before
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--many-batch-mb", "0"])
