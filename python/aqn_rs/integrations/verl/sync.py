@@ -94,13 +94,13 @@ def quant_sync(
         batch_q.clear()
         batch_bytes[0] = 0
 
-    def fq(w, amax=None):
-        t0 = time.perf_counter()
+    def prep(w):
         w = w.detach()
         if param_dtype is not None and w.dtype != param_dtype:
             w = w.to(param_dtype)
-        w = w.contiguous()
-        qw = quantizer.fake_quant(w, amax=amax) if nvfp4 else quantizer.fake_quant(w)
+        return w.contiguous()
+
+    def record(w, qw):
         if batch_w and (batch_w[0].device != w.device or batch_w[0].dtype != w.dtype):
             stats_flush()  # a multi-tensor batch is of one device and dtype
         batch_w.append(w)
@@ -108,25 +108,34 @@ def quant_sync(
         batch_bytes[0] += w.numel() * w.element_size()
         if batch_bytes[0] >= _STATS_BATCH_BYTES:
             stats_flush()
+        return qw
+
+    def fq(w):
+        t0 = time.perf_counter()
+        w = prep(w)
+        qw = record(w, quantizer.fake_quant(w))
         spent[0] += time.perf_counter() - t0
         return qw
 
     def flush(members: Dict[str, Tuple[str, Any]]) -> Iterator[Tuple[str, Any]]:
+        # A fused group (NVFP4 q/k/v, gate/up) is quantized with one amax, the max of its
+        # members'. `fake_quant_many` does it in one pass per kind of work (on CUDA: an amax
+        # pass over every member, one fold, one fake quant of every member, no host sync, not
+        # two launches per member and a fold); off CUDA it takes the group's amax and one fake quant per member, same bits.
         t0 = time.perf_counter()
-        ws = {m: (n, t.detach().to(param_dtype) if param_dtype is not None else t.detach())
-              for m, (n, t) in members.items()}
-        amax = None
-        if nvfp4 and len(ws) > 1:
-            ts = [t for _, t in ws.values()]
-            with torch.no_grad():
-                if all(t.is_cuda for t in ts) and len({(t.device, t.dtype) for t in ts}) == 1:
-                    # one call: an amax pass per member, one fold, the first member left in L2
-                    amax = quantizer.amax_many([t.contiguous() for t in ts])
-                else:
-                    amax = torch.stack([t.abs().amax().float() for t in ts]).amax()
+        names = [n for n, _ in members.values()]
+        ws = [prep(t) for _, t in members.values()]
+        with torch.no_grad():
+            if nvfp4 and len({(w.device, w.dtype) for w in ws}) == 1:
+                qs = quantizer.fake_quant_many(ws, groups=[0] * len(ws))
+            elif nvfp4:  # members of mixed dtypes (no actor sends these): torch's amax, one fold
+                amax = torch.stack([w.abs().amax().float().to(ws[0].device) for w in ws]).amax()
+                qs = [quantizer.fake_quant(w, amax=amax if w.is_cuda else float(amax)) for w in ws]
+            else:
+                qs = [quantizer.fake_quant(w) for w in ws]
+        out = [(n, record(w, q)) for n, w, q in zip(names, ws, qs)]
         spent[0] += time.perf_counter() - t0
-        for m, (n, t) in ws.items():
-            yield n, fq(t, amax)
+        yield from out
 
     for name, t in named_tensors:
         key = normalize_name(name)
