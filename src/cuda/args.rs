@@ -320,38 +320,28 @@ mod tests {
         let slots = [0, 0, 1, 2, 2, 2, 3];
         let ns = [64, 64, 512, 64, 64, 64, 64];
         let xs: Vec<u64> = (1..=7).collect();
-        let b = many_batches(
-            Fmt::Nvfp4,
-            &xs,
-            &xs,
-            &ns,
-            &[16; 7],
-            &slots,
-            5,
-            5 * abi::AMAX_SCRATCH as u64,
-            200,
-        )
-        .unwrap();
-        let got: Vec<(u32, u32, usize)> = b
+        let capped = |max_elems| {
+            many_batches(
+                Fmt::Nvfp4,
+                &xs,
+                &xs,
+                &ns,
+                &[16; 7],
+                &slots,
+                5,
+                5 * abi::AMAX_SCRATCH as u64,
+                max_elems,
+            )
+            .unwrap()
+        };
+        let got: Vec<(u32, u32, usize)> = capped(200)
             .iter()
             .map(|b| (b.slot_lo, b.slot_hi, b.tensors.len()))
             .collect();
         // 128 + 512 > 200 closes [0]; 512 alone; 192 fits; 192 + 64 > 200 closes [2]; the
         // last launch folds the empty slot 4
         assert_eq!(got, vec![(0, 0, 2), (1, 1, 1), (2, 2, 3), (3, 4, 1)]);
-        let all = many_batches(
-            Fmt::Nvfp4,
-            &xs,
-            &xs,
-            &ns,
-            &[16; 7],
-            &slots,
-            5,
-            5 * abi::AMAX_SCRATCH as u64,
-            0,
-        )
-        .unwrap();
-        assert_eq!(all.len(), 1); // no cap: one launch
+        assert_eq!(capped(0).len(), 1); // no cap: one launch
     }
 
     #[test]

@@ -385,11 +385,6 @@ fn cuda_amax_many(
     ))?)
 }
 
-/// Fake quant of many tensors of one dtype and device in a few launches: `xs[i]` into
-/// `outs[i]` (`ns[i]` elements, last dimension `ks[i]`, the vector layout: whole blocks along
-/// it, 16-byte aligned). NVFP4: tensor i uses the amax of slot `slots[i]` (< `n_slots`), the
-/// max |x| over every tensor of that slot, computed here into the `n_slots` f32 at `amax`
-/// (`scratch`: `scratch_len` f32, at least `n_slots * AMAX_SCRATCH`); MXFP4 takes no slots.
 /// The multi-tensor NVFP4 launch size knob (`tuning::many_batch_bytes`; a CPU-only build has
 /// no knobs).
 fn many_batch_bytes() -> u64 {
@@ -403,6 +398,11 @@ fn many_batch_bytes() -> u64 {
     }
 }
 
+/// Fake quant of many tensors of one dtype and device in a few launches: `xs[i]` into
+/// `outs[i]` (`ns[i]` elements, last dimension `ks[i]`, the vector layout: whole blocks along
+/// it, 16-byte aligned). NVFP4: tensor i uses the amax of slot `slots[i]` (< `n_slots`), the
+/// max |x| over every tensor of that slot, computed here into the `n_slots` f32 at `amax`
+/// (`scratch`: `scratch_len` f32, at least `n_slots * AMAX_SCRATCH`); MXFP4 takes no slots.
 #[pyfunction]
 // The Python signature: _cuda.py passes each buffer and size as its own argument.
 #[allow(clippy::too_many_arguments)]

@@ -121,7 +121,8 @@ def quant_sync(
         # A fused group (NVFP4 q/k/v, gate/up) is quantized with one amax, the max of its
         # members'. `fake_quant_many` does it in one pass per kind of work (on CUDA: an amax
         # pass over every member, one fold, one fake quant of every member, no host sync, not
-        # two launches per member and a fold); off CUDA it takes the group's amax and one fake quant per member, same bits.
+        # two launches per member and a fold); off CUDA it takes the group's amax and one
+        # fake quant per member, same bits.
         t0 = time.perf_counter()
         names = [n for n, _ in members.values()]
         ws = [prep(t) for _, t in members.values()]
