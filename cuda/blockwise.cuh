@@ -69,25 +69,48 @@ __device__ __forceinline__ uint32_t group_max(uint32_t m) {
 // ---------------------------------------------------------------------------------------
 // Vector kernels (flat run of whole blocks).
 
-// Loads this thread's U vectors of iteration `base` (zeros past the end).
-template <int U>
+// Loads this thread's U vectors of iteration `base` (zeros past the end); HINT: with the
+// L2 policy h (L2Hint).
+template <bool HINT, int U>
 __device__ __forceinline__ void load_vecs(const uint4* __restrict__ x, long long base,
-                                          long long n_vec, uint4 (&v)[U]) {
+                                          long long n_vec, uint4 (&v)[U], L2Hint h) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         long long i = base + (long long)u * blockDim.x + threadIdx.x;
-        v[u] = i < n_vec ? __ldg(x + i) : make_uint4(0, 0, 0, 0);
+        v[u] = i >= n_vec ? make_uint4(0, 0, 0, 0) : HINT ? ldg_hint(x + i, h) : __ldg(x + i);
+    }
+}
+
+// out[i] = v; HINT: with the L2 policy h.
+template <bool HINT>
+__device__ __forceinline__ void store_vec(uint4* __restrict__ out, long long i, const uint4& v,
+                                          L2Hint h) {
+    if (HINT) {
+        stg_hint(out + i, v, h);
+    } else {
+        out[i] = v;
+    }
+}
+
+// The element kernels after an NVFP4 amax pass that kept bytes in L2 (keep != 0) read and write
+// with evict_first (L2Hint); `run(Hinted<bool>{}, policy)` is the kernel body.
+template <typename Run>
+__device__ __forceinline__ void with_hint(long long keep, Run run) {
+    if (keep != 0) {
+        run(Hinted<true>{}, L2Hint::evict_first());
+    } else {
+        run(Hinted<false>{}, L2Hint{0});
     }
 }
 
 // What fake_quant_vec and quantize_vec share: walk the vectors, take each block's amax over
 // the lanes that share it, and hand `body(i, v, m, rule)` the index i of each vector in the
-// tensor, the vector v and its block's max |x| bits m.
+// tensor, the vector v and its block's max |x| bits m. HINT: loads with the L2 policy h.
 // RuleOf::make(a) builds the rule once per CTA. It runs after the first loads are issued:
 // NVFP4's rule folds the amax partials (an L2 round trip and a barrier), which then hides
 // behind the latency of those loads instead of stalling every CTA at its start.
-template <typename T, typename RuleOf, typename Body>
-__device__ __forceinline__ void encode_vec(const Args& a, Body body) {
+template <typename T, typename RuleOf, bool HINT, typename Body>
+__device__ __forceinline__ void encode_vec(const Args& a, L2Hint h, Body body) {
     using D = Dtype<T>;
     using Rule = decltype(RuleOf::make(a));
     constexpr int TPB = Rule::BLOCK / D::EPV;
@@ -97,11 +120,11 @@ __device__ __forceinline__ void encode_vec(const Args& a, Body body) {
     const long long stride = (long long)gridDim.x * blockDim.x * U;
     const long long base0 = (long long)blockIdx.x * blockDim.x * U;
     uint4 v[U];
-    load_vecs(x, base0, n_vec, v);
+    load_vecs<HINT>(x, base0, n_vec, v, h);
     const Rule rule = RuleOf::make(a);  // every thread, before the loop (it may sync)
     // `base` is uniform over the CTA, so every lane reaches the shuffles.
     for (long long base = base0; base < n_vec; base += stride) {
-        if (base != base0) load_vecs(x, base, n_vec, v);
+        if (base != base0) load_vecs<HINT>(x, base, n_vec, v, h);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             long long i = base + (long long)u * blockDim.x + threadIdx.x;
@@ -111,13 +134,15 @@ __device__ __forceinline__ void encode_vec(const Args& a, Body body) {
     }
 }
 
-// Fake quant of vector v (index i) whose block has max |x| bits m, into out[i].
-template <typename T, typename Rule>
+// Fake quant of vector v (index i) whose block has max |x| bits m, into out[i] (HINT: stored
+// with the L2 policy h).
+template <typename T, bool HINT, typename Rule>
 __device__ __forceinline__ void fake_quant_store(uint4* __restrict__ out, long long i,
-                                                 const uint4& v, uint32_t m, const Rule& rule) {
+                                                 const uint4& v, uint32_t m, const Rule& rule,
+                                                 L2Hint h) {
     using D = Dtype<T>;
     if (m >= NON_FINITE_ABS_BITS) {
-        out[i] = D::nan_vec();
+        store_vec<HINT>(out, i, D::nan_vec(), h);
         return;
     }
     Scale s = rule.scale(u2f(m));
@@ -125,14 +150,17 @@ __device__ __forceinline__ void fake_quant_store(uint4* __restrict__ out, long l
     D::unpack(v, f);
 #pragma unroll
     for (int e = 0; e < D::EPV; ++e) f[e] = fake_quant_elem(f[e], s, rule);
-    out[i] = D::pack(f);
+    store_vec<HINT>(out, i, D::pack(f), h);
 }
 
 template <typename T, typename RuleOf>
 __device__ __forceinline__ void fake_quant_vec(const Args& a) {
     uint4* __restrict__ out = static_cast<uint4*>(a.out);
-    encode_vec<T, RuleOf>(a, [&](long long i, const uint4& v, uint32_t m, const auto& rule) {
-        fake_quant_store<T>(out, i, v, m, rule);
+    with_hint(a.keep_vecs, [&](auto hinted, L2Hint h) {
+        constexpr bool H = decltype(hinted)::value;
+        encode_vec<T, RuleOf, H>(a, h, [&](long long i, const uint4& v, uint32_t m, const auto& rule) {
+            fake_quant_store<T, H>(out, i, v, m, rule, h);
+        });
     });
 }
 
@@ -141,9 +169,9 @@ __device__ __forceinline__ void fake_quant_vec(const Args& a) {
 // is that of fake_quant_vec on the same bytes. RuleOfSlot::make(a, slot) builds the rule of
 // an entry (NVFP4: from the tensor amax of its slot, as fake_quant_vec with a given device
 // amax; the same bits). Chunks start at multiples of the chunk, which whole blocks tile, so
-// the lanes of a block are in or out together.
-template <typename T, typename RuleOfSlot>
-__device__ __forceinline__ void fake_quant_many(const ManyArgs& a) {
+// the lanes of a block are in or out together. HINT: loads and stores with the L2 policy h.
+template <typename T, typename RuleOfSlot, bool HINT>
+__device__ __forceinline__ void fake_quant_many_body(const ManyArgs& a, L2Hint h) {
     using D = Dtype<T>;
     using Rule = decltype(RuleOfSlot::make(a, 0));
     constexpr int TPB = Rule::BLOCK / D::EPV;
@@ -156,15 +184,22 @@ __device__ __forceinline__ void fake_quant_many(const ManyArgs& a) {
         const long long n_vec = en.n_vec;
         const long long base = (c - en.chunk0) * chunk;
         uint4 v[U];
-        load_vecs(x, base, n_vec, v);
+        load_vecs<HINT>(x, base, n_vec, v, h);
         const Rule rule = RuleOfSlot::make(a, en.slot);  // after the loads: an L2 read
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const long long i = base + (long long)u * blockDim.x + threadIdx.x;
             const uint32_t m = group_max<TPB>(D::absmax_bits(v[u]));
-            if (i < n_vec) fake_quant_store<T>(out, i, v[u], m, rule);
+            if (i < n_vec) fake_quant_store<T, HINT>(out, i, v[u], m, rule, h);
         }
     }
+}
+
+template <typename T, typename RuleOfSlot>
+__device__ __forceinline__ void fake_quant_many(const ManyArgs& a) {
+    with_hint(a.keep_chunks, [&](auto hinted, L2Hint h) {
+        fake_quant_many_body<T, RuleOfSlot, decltype(hinted)::value>(a, h);
+    });
 }
 
 template <typename T, typename RuleOf>
@@ -172,7 +207,7 @@ __device__ __forceinline__ void quantize_vec(const Args& a) {
     using D = Dtype<T>;
     using Rule = decltype(RuleOf::make(a));
     constexpr int TPB = Rule::BLOCK / D::EPV;
-    encode_vec<T, RuleOf>(a, [&](long long i, const uint4& v, uint32_t m, const auto& rule) {
+    auto body = [&](long long i, const uint4& v, uint32_t m, const auto& rule) {
         uint32_t packed = 0, byte;
         if (m >= NON_FINITE_ABS_BITS) {
             byte = Rule::NAN_BYTE;  // codes stay 0
@@ -191,6 +226,10 @@ __device__ __forceinline__ void quantize_vec(const Args& a) {
             reinterpret_cast<uint16_t*>(a.codes)[i] = uint16_t(packed);
         }
         if (threadIdx.x % TPB == 0) a.scales[i / TPB] = uint8_t(byte);
+    };
+    // The codes and scales (a quarter of the bytes read, or less) keep plain stores.
+    with_hint(a.keep_vecs, [&](auto hinted, L2Hint h) {
+        encode_vec<T, RuleOf, decltype(hinted)::value>(a, h, body);
     });
 }
 

@@ -34,6 +34,8 @@ struct Args {
     float gs_value;         // NVFP4 dequantize: host-given global scale (when gs_src is null)
     int mode;               // MXFP4 scale mode: 0 floor, 1 rceil, 2 even, 3 ceil
     const void* y;          // second input elements (sq_err: the fake quant of x)
+    long long keep_vecs;    // L2 hints (see L2Hint; 0: none): amax pass, its first keep_vecs
+                            // vectors; element kernels, nonzero = after such an amax pass
 };
 AQN_ABI_STRUCT(Args);
 AQN_ABI_FIELD(Args, x);
@@ -50,6 +52,7 @@ AQN_ABI_FIELD(Args, n_amax);
 AQN_ABI_FIELD(Args, amax_value);
 AQN_ABI_FIELD(Args, gs_value);
 AQN_ABI_FIELD(Args, mode);
+AQN_ABI_FIELD(Args, keep_vecs);
 
 // The multi-tensor kernels (`*_many_*`): one launch over up to MANY_MAX tensors, each an
 // entry of the argument block itself (no table to copy to the device first, so no host
@@ -81,6 +84,8 @@ struct ManyArgs {
     int n_slots;          // NVFP4: amax slots of this launch
     int n_partials;       // NVFP4: CTAs of the amax pass (partials per slot)
     int mode;             // MXFP4 scale mode (Args::mode)
+    long long keep_chunks;  // L2 hints (see L2Hint; 0: none): amax pass, its chunks before
+                            // this one; fake quant, nonzero = after such an amax pass
     ManyEntry e[MANY_MAX];
 };
 AQN_ABI_STRUCT(ManyArgs);
@@ -91,6 +96,7 @@ AQN_ABI_FIELD(ManyArgs, n_entries);
 AQN_ABI_FIELD(ManyArgs, n_slots);
 AQN_ABI_FIELD(ManyArgs, n_partials);
 AQN_ABI_FIELD(ManyArgs, mode);
+AQN_ABI_FIELD(ManyArgs, keep_chunks);
 AQN_ABI_FIELD(ManyArgs, e);
 
 // The entry that owns chunk c: the last one whose first chunk is <= c (an empty entry shares
@@ -116,6 +122,60 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
         : "l"(p));
     return v;
 }
+
+// L2 eviction priorities that let the kernel after an NVFP4 amax pass read part of its input
+// from L2 instead of HBM (`tuning::l2_keep_bytes`; 0, the default, turns them off and the
+// kernels take the plain loads and stores above and below). The amax pass reads the bytes that
+// kernel reads first with evict_last and all others with evict_first; that kernel reads and
+// writes with evict_first. Neither its own stores nor bytes no one reads again then push the
+// kept bytes out before it reads them (with plain stores, its output lines are newer than the
+// kept ones and evict them). Hints only: no value depends on them. A policy is an opaque
+// 64-bit value that exists only on the device (createpolicy, sm_80+).
+struct L2Hint {
+    uint64_t pol;
+    __device__ __forceinline__ static L2Hint evict_last() {
+        L2Hint h;
+        asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(h.pol));
+        return h;
+    }
+    __device__ __forceinline__ static L2Hint evict_first() {
+        L2Hint h;
+        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(h.pol));
+        return h;
+    }
+};
+
+// ldg_stream with an L2 eviction policy (the amax pass of 16-bit tensors).
+__device__ __forceinline__ uint4 ldg_stream_hint(const uint4* p, L2Hint h) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p), "l"(h.pol));
+    return v;
+}
+
+// __ldg with an L2 eviction policy.
+__device__ __forceinline__ uint4 ldg_hint(const uint4* p, L2Hint h) {
+    uint4 v;
+    asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p), "l"(h.pol));
+    return v;
+}
+
+// A 16-byte store with an L2 eviction policy.
+__device__ __forceinline__ void stg_hint(uint4* p, const uint4& v, L2Hint h) {
+    asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;"
+                 :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "l"(h.pol)
+                 : "memory");
+}
+
+// A kernel's hint mode as a type, so that the unhinted instantiation is the code it was before
+// hints existed (a runtime flag would sit in every load of the hot loop).
+template <bool B>
+struct Hinted {
+    static constexpr bool value = B;
+};
 
 // ---------------------------------------------------------------------------------------
 // f32 bit helpers.

@@ -113,9 +113,21 @@ struct NvDequantRuleOf {
     }
 };
 
+// A 16-byte load of the amax passes: HINT, with the L2 policy `keep` or `drop` (L2Hint).
+template <typename T, bool HINT>
+__device__ __forceinline__ uint4 amax_load(const uint4* p, bool kept, L2Hint keep, L2Hint drop) {
+    if (HINT) {
+        const L2Hint h = kept ? keep : drop;
+        return sizeof(T) == 2 ? ldg_stream_hint(p, h) : ldg_hint(p, h);
+    }
+    return sizeof(T) == 2 ? ldg_stream(p)  // 16-bit only: see ldg_stream
+                          : __ldg(p);
+}
+
 // Per-CTA max |x| over a flat tensor of rows * k elements; out[blockIdx.x] = the CTA's amax.
-template <typename T>
-__device__ __forceinline__ void amax_partials(const Args& a) {
+// HINT: vectors below a.keep_vecs are read with evict_last, the others with evict_first.
+template <typename T, bool HINT>
+__device__ __forceinline__ void amax_partials_body(const Args& a) {
     using D = Dtype<T>;
     constexpr int EPV = D::EPV;
     allow_dependents();
@@ -140,15 +152,16 @@ __device__ __forceinline__ void amax_partials(const Args& a) {
     // as a forward walk, in mirrored positions; a max does not depend on the order.
     const long long chunk = (long long)blockDim.x * AMAX_UNROLL;
     const long long n_chunks = (n_vec + chunk - 1) / chunk;
+    const L2Hint keep = HINT ? L2Hint::evict_last() : L2Hint{0};
+    const L2Hint drop = HINT ? L2Hint::evict_first() : L2Hint{0};
     for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {
         const long long base = (n_chunks - 1 - c) * chunk;
         uint4 v[AMAX_UNROLL];
 #pragma unroll
         for (int u = 0; u < AMAX_UNROLL; ++u) {
             long long i = base + (long long)u * blockDim.x + threadIdx.x;
-            v[u] = i >= n_vec       ? make_uint4(0, 0, 0, 0)
-                   : sizeof(T) == 2 ? ldg_stream(xv + i)  // 16-bit only: see ldg_stream
-                                    : __ldg(xv + i);
+            v[u] = i >= n_vec ? make_uint4(0, 0, 0, 0)
+                              : amax_load<T, HINT>(xv + i, i < a.keep_vecs, keep, drop);
         }
 #pragma unroll
         for (int u = 0; u < AMAX_UNROLL; ++u) m = max(m, D::absmax_bits(v[u]));
@@ -161,6 +174,15 @@ __device__ __forceinline__ void amax_partials(const Args& a) {
         m = threadIdx.x < blockDim.x / 32 ? s_warp[threadIdx.x] : 0;
         m = group_max<32>(m);
         if (threadIdx.x == 0) static_cast<float*>(a.out)[blockIdx.x] = amax_from_bits(m);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void amax_partials(const Args& a) {
+    if (a.keep_vecs != 0) {
+        amax_partials_body<T, true>(a);
+    } else {
+        amax_partials_body<T, false>(a);
     }
 }
 
@@ -185,9 +207,12 @@ __device__ __forceinline__ void amax_many_flush(const ManyArgs& a, int slot, uin
     __syncthreads();  // s_warp is reused by the next flush
 }
 
-template <typename T>
-__device__ __forceinline__ void amax_many_partials(const ManyArgs& a) {
+// HINT: chunks below a.keep_chunks are read with evict_last, the others with evict_first.
+template <typename T, bool HINT>
+__device__ __forceinline__ void amax_many_partials_body(const ManyArgs& a) {
     using D = Dtype<T>;
+    const L2Hint keep = HINT ? L2Hint::evict_last() : L2Hint{0};
+    const L2Hint drop = HINT ? L2Hint::evict_first() : L2Hint{0};
     if (threadIdx.x == 0)
         for (int s = 0; s < a.n_slots; ++s) a.partials[(long long)s * a.n_partials + blockIdx.x] = 0.0f;
     const long long chunk = (long long)blockDim.x * AMAX_UNROLL;
@@ -207,14 +232,22 @@ __device__ __forceinline__ void amax_many_partials(const ManyArgs& a) {
 #pragma unroll
         for (int u = 0; u < AMAX_UNROLL; ++u) {
             const long long i = base + (long long)u * blockDim.x + threadIdx.x;
-            v[u] = i >= en.n_vec    ? make_uint4(0, 0, 0, 0)
-                   : sizeof(T) == 2 ? ldg_stream(xv + i)  // as amax_partials
-                                    : __ldg(xv + i);
+            v[u] = i >= en.n_vec ? make_uint4(0, 0, 0, 0)
+                                 : amax_load<T, HINT>(xv + i, g < a.keep_chunks, keep, drop);
         }
 #pragma unroll
         for (int u = 0; u < AMAX_UNROLL; ++u) m = max(m, D::absmax_bits(v[u]));
     }
     if (cur >= 0) amax_many_flush<T>(a, cur, m);
+}
+
+template <typename T>
+__device__ __forceinline__ void amax_many_partials(const ManyArgs& a) {
+    if (a.keep_chunks != 0) {
+        amax_many_partials_body<T, true>(a);
+    } else {
+        amax_many_partials_body<T, false>(a);
+    }
 }
 
 // Per-CTA sums, in f32, of (x - y)^2 and x^2 over two flat tensors of rows * k elements (x a

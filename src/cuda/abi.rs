@@ -153,6 +153,7 @@ pub const AMAX_MANY_FINALIZE_KERNEL: &str = "amax_many_finalize";
 /// Entries of one multi-tensor launch: the `ManyArgs` block must fit the 4 KiB of kernel
 /// parameters every driver and device take.
 pub const MANY_MAX: usize = 126;
+const _: () = assert!(std::mem::size_of::<ManyArgs>() <= 4096);
 
 /// One tensor of a multi-tensor launch (`aqn::ManyEntry` in cuda/fp4_common.cuh).
 #[repr(C)]
@@ -176,6 +177,9 @@ pub struct ManyArgs {
     pub n_slots: i32,
     pub n_partials: i32,
     pub mode: i32,
+    /// L2 hints (0: none): the amax pass keeps its chunks before this one in L2; the fake
+    /// quant after it, nonzero, reads and writes with evict_first (`aqn::L2Hint`).
+    pub keep_chunks: i64,
     pub e: [ManyEntry; MANY_MAX],
 }
 
@@ -190,6 +194,7 @@ impl ManyArgs {
             n_slots: 0,
             n_partials: 0,
             mode,
+            keep_chunks: 0,
             e: [ManyEntry {
                 x: 0,
                 out: 0,
@@ -225,6 +230,9 @@ pub struct Args {
     pub gs_value: f32,
     pub mode: i32,
     pub y: u64,
+    /// L2 hints (0: none): the amax pass keeps its first `keep_vecs` vectors in L2; the
+    /// element kernel after it, nonzero, reads and writes with evict_first (`aqn::L2Hint`).
+    pub keep_vecs: i64,
 }
 
 impl Args {
@@ -245,6 +253,7 @@ impl Args {
             gs_value: 0.0,
             mode: 0,
             y: 0,
+            keep_vecs: 0,
         }
     }
 }
@@ -309,7 +318,7 @@ macro_rules! c_layout {
 /// The layout of `Args` (and so of `aqn::Args`).
 // Read by build.rs, which compiles this file too; the extension needs only the asserts.
 #[allow(dead_code)]
-pub const ARGS_LAYOUT: CLayout = c_layout!(Args, size 96, align 8, [
+pub const ARGS_LAYOUT: CLayout = c_layout!(Args, size 104, align 8, [
     x: 0,
     out: 8,
     codes: 16,
@@ -324,6 +333,7 @@ pub const ARGS_LAYOUT: CLayout = c_layout!(Args, size 96, align 8, [
     gs_value: 80,
     mode: 84,
     y: 88,
+    keep_vecs: 96,
 ]);
 
 /// The layout of `NoiseArgs` (and so of `aqn_noise::NoiseArgs`).
@@ -350,10 +360,10 @@ pub const MANY_ENTRY_LAYOUT: CLayout = c_layout!(ManyEntry, size 32, align 8, [
     chunk0: 28,
 ]);
 
-/// The layout of `ManyArgs` (and so of `aqn::ManyArgs`): 40 bytes and MANY_MAX entries.
+/// The layout of `ManyArgs` (and so of `aqn::ManyArgs`): 48 bytes and MANY_MAX entries.
 // Read by build.rs, which compiles this file too; the extension needs only the asserts.
 #[allow(dead_code)]
-pub const MANY_ARGS_LAYOUT: CLayout = c_layout!(ManyArgs, size 4072, align 8, [
+pub const MANY_ARGS_LAYOUT: CLayout = c_layout!(ManyArgs, size 4080, align 8, [
     amax: 0,
     partials: 8,
     n_chunks: 16,
@@ -361,7 +371,8 @@ pub const MANY_ARGS_LAYOUT: CLayout = c_layout!(ManyArgs, size 4072, align 8, [
     n_slots: 28,
     n_partials: 32,
     mode: 36,
-    e: 40,
+    keep_chunks: 40,
+    e: 48,
 ]);
 
 /// The launch constants under their CUDA names, written into `aqn_abi.h` as `AQN_ABI_<name>`.

@@ -237,9 +237,46 @@ pub fn many_batches(
     Ok(batches)
 }
 
+/// The leading chunks (of `chunk` vectors, entry by entry as a multi-tensor launch numbers
+/// them) that hold no more than `keep_vecs` vectors: what the amax pass asks L2 to keep for the
+/// fake quant after it, which reads the launch from its first chunk on. An entry's last chunk
+/// counts in full (it may be short), so the kept bytes never exceed `keep_vecs`.
+// Used by the CUDA build only; tested in every build.
+#[cfg_attr(not(aqn_cuda), allow(dead_code))]
+pub fn keep_chunks(n_vecs: impl Iterator<Item = u64>, chunk: u64, keep_vecs: u64) -> u64 {
+    let (mut chunks, mut vecs) = (0u64, 0u64);
+    for n in n_vecs {
+        let full = n.div_ceil(chunk) * chunk;
+        if vecs + full <= keep_vecs {
+            chunks += n.div_ceil(chunk);
+            vecs += full;
+        } else {
+            return chunks + (keep_vecs - vecs) / chunk;
+        }
+    }
+    chunks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_chunks_counts_whole_chunks_within_the_budget() {
+        let c = 10; // vectors per chunk
+                    // Entries of 25 (3 chunks, the last short counts as 10), 10 (1) and 40 (4) vectors.
+        let n = || [25u64, 10, 40].into_iter();
+        assert_eq!(keep_chunks(n(), c, 0), 0);
+        assert_eq!(keep_chunks(n(), c, 9), 0);
+        assert_eq!(keep_chunks(n(), c, 10), 1);
+        assert_eq!(keep_chunks(n(), c, 29), 2); // the short third chunk needs 30
+        assert_eq!(keep_chunks(n(), c, 30), 3);
+        assert_eq!(keep_chunks(n(), c, 40), 4);
+        assert_eq!(keep_chunks(n(), c, 65), 6);
+        assert_eq!(keep_chunks(n(), c, 80), 8);
+        assert_eq!(keep_chunks(n(), c, u64::MAX), 8); // never more than the launch has
+        assert_eq!(keep_chunks([0u64, 5].into_iter(), c, 10), 1); // an empty entry takes none
+    }
 
     fn plan(slots: &[u32], n_slots: u64) -> Result<Vec<ManyBatch>> {
         let len = slots.len();

@@ -8,8 +8,8 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 
 use super::abi::{
-    Args, Dt, Fmt, KernelParam, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL, VEC_THREADS,
-    VEC_UNROLL,
+    Args, Dt, Fmt, KernelParam, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL, VEC_BYTES,
+    VEC_THREADS, VEC_UNROLL,
 };
 use super::args::AmaxSource;
 use super::driver::{check, device, CtxGuard, Device, Func};
@@ -117,8 +117,16 @@ impl Launch {
         work.div_ceil(per_cta).min(cap).max(1)
     }
 
-    /// Launches the amax partials of `n` elements into `scratch`; returns how many.
-    pub fn amax_partials(&self, dt: Dt, x: u64, n: u64, scratch: u64) -> Result<i32> {
+    /// Launches the amax partials of `n` elements into `scratch`, asking L2 to keep the first
+    /// `keep_vecs` 16-byte vectors (0: no cache hints); returns how many partials.
+    pub fn amax_partials(
+        &self,
+        dt: Dt,
+        x: u64,
+        n: u64,
+        scratch: u64,
+        keep_vecs: u64,
+    ) -> Result<i32> {
         self.ptr("amax scratch", scratch, (AMAX_SCRATCH * 4) as u64, 4)?;
         let per_cta = AMAX_THREADS as u64 * AMAX_UNROLL * dt.epv() as u64;
         let cap =
@@ -127,6 +135,7 @@ impl Launch {
         let mut a = Args::new(1, n);
         a.x = x;
         a.out = scratch;
+        a.keep_vecs = keep_vecs as i64;
         self.launch(self.dev.amax_partials[dt as usize], grid, AMAX_THREADS, &a)?;
         Ok(grid as i32)
     }
@@ -148,8 +157,13 @@ impl Launch {
                     a.n_amax = 0; // the amax of an empty tensor is 0
                     a.amax_value = 0.0;
                 } else {
-                    a.n_amax = self.amax_partials(dt, a.x, n, scratch)?;
+                    // The element kernel after this pass reads the tensor from its start: the
+                    // first bytes are the ones to keep (tuning::l2_keep_bytes).
+                    let keep =
+                        (tuning::l2_keep_bytes() / VEC_BYTES as u64).min(n / dt.epv() as u64);
+                    a.n_amax = self.amax_partials(dt, a.x, n, scratch, keep)?;
                     a.amax_src = scratch;
+                    a.keep_vecs = keep as i64;
                 }
             }
         }

@@ -111,16 +111,18 @@ fn cuda_device_count() -> PyResult<i32> {
 
 /// Benchmark knobs (None keeps a value): grid caps, in CTAs per SM, of the element kernels
 /// and of the amax reduction, whether the kernel after an amax pass is a programmatic
-/// dependent launch (sm_90+), and the bytes of weights per multi-tensor NVFP4 launch (0: as
-/// many tensors as a launch holds). Returns the values in force.
+/// dependent launch (sm_90+), the bytes of weights per multi-tensor NVFP4 launch (0: as
+/// many tensors as a launch holds) and the bytes an NVFP4 amax pass asks L2 to keep for the
+/// kernel after it (0: no cache hints). Returns the values in force.
 #[pyfunction]
-#[pyo3(signature = (ctas_per_sm = None, amax_ctas_per_sm = None, pdl = None, many_batch_bytes = None))]
+#[pyo3(signature = (ctas_per_sm = None, amax_ctas_per_sm = None, pdl = None, many_batch_bytes = None, l2_keep_bytes = None))]
 fn cuda_set_tuning(
     ctas_per_sm: Option<u32>,
     amax_ctas_per_sm: Option<u32>,
     pdl: Option<bool>,
     many_batch_bytes: Option<u64>,
-) -> PyResult<(u32, u32, bool, u64)> {
+    l2_keep_bytes: Option<u64>,
+) -> PyResult<(u32, u32, bool, u64, u64)> {
     #[cfg(aqn_cuda)]
     {
         tuning::set(
@@ -128,12 +130,19 @@ fn cuda_set_tuning(
             amax_ctas_per_sm.map(|v| v.min(abi::AMAX_SCRATCH as u32)),
             pdl,
             many_batch_bytes,
+            l2_keep_bytes,
         );
         Ok(tuning::get())
     }
     #[cfg(not(aqn_cuda))]
     {
-        let _ = (ctas_per_sm, amax_ctas_per_sm, pdl, many_batch_bytes);
+        let _ = (
+            ctas_per_sm,
+            amax_ctas_per_sm,
+            pdl,
+            many_batch_bytes,
+            l2_keep_bytes,
+        );
         Ok(not_built()?)
     }
 }

@@ -6,9 +6,9 @@ use cudarc::driver::sys;
 
 use super::abi::{
     Args, Dt, Fmt, ManyArgs, NoiseArgs, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL,
-    FINALIZE_THREADS, NOISE_THREADS, VEC_THREADS, VEC_UNROLL,
+    FINALIZE_THREADS, NOISE_THREADS, VEC_BYTES, VEC_THREADS, VEC_UNROLL,
 };
-use super::args::{numel, AmaxSource, ManyBatch};
+use super::args::{keep_chunks, numel, AmaxSource, ManyBatch};
 use super::launch::{pick, Launch};
 use super::ptr::{check_ptr, check_stream};
 use super::tuning;
@@ -204,7 +204,7 @@ pub fn amax(
     let mut a = Args::new(1, 0);
     a.out = out;
     if n > 0 {
-        a.n_amax = l.amax_partials(dt, x, n, scratch)?;
+        a.n_amax = l.amax_partials(dt, x, n, scratch, 0)?;
         a.amax_src = scratch;
     }
     l.launch(l.dev.amax_finalize, 1, FINALIZE_THREADS, &a)
@@ -268,7 +268,7 @@ pub fn amax_many(
     let mut off: u64 = 0;
     for (&x, &n) in xs.iter().zip(ns).rev() {
         if n > 0 {
-            off += l.amax_partials(dt, x, n, scratch + 4 * off)? as u64;
+            off += l.amax_partials(dt, x, n, scratch + 4 * off, 0)? as u64;
         }
     }
     let mut a = Args::new(1, 0);
@@ -405,6 +405,7 @@ pub fn fake_quant_many(
         Ok(a)
     };
     for b in batches {
+        let mut hinted = false;
         if nv {
             let mut a = entries(b, AMAX_THREADS as u64 * AMAX_UNROLL)?;
             let cap =
@@ -413,6 +414,12 @@ pub fn fake_quant_many(
             a.amax = amax + 4 * b.slot_lo as u64;
             a.partials = scratch;
             a.n_partials = grid as i32;
+            a.keep_chunks = keep_chunks(
+                b.tensors.iter().map(|t| t.n / epv),
+                AMAX_THREADS as u64 * AMAX_UNROLL,
+                tuning::l2_keep_bytes() / VEC_BYTES as u64,
+            ) as i64;
+            hinted = a.keep_chunks != 0;
             l.launch(
                 l.dev.amax_many_partials[dt as usize],
                 grid,
@@ -431,6 +438,7 @@ pub fn fake_quant_many(
         }
         let mut a = entries(b, VEC_THREADS as u64 * VEC_UNROLL)?;
         a.amax = amax + 4 * b.slot_lo as u64;
+        a.keep_chunks = hinted as i64;
         let cap = l.dev.sms as u64 * tuning::ctas_per_sm() as u64;
         let grid = (a.n_chunks as u64).clamp(1, cap);
         l.launch(

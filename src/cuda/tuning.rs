@@ -1,5 +1,6 @@
 //! Launch knobs for the benchmark only (`cuda_set_tuning`): grid caps in CTAs per SM, the
-//! programmatic dependent launch switch and the multi-tensor NVFP4 launch size. Process-wide;
+//! programmatic dependent launch switch, the multi-tensor NVFP4 launch size and the L2 bytes an
+//! amax pass keeps for the kernel after it. Process-wide;
 //! the defaults are what every user gets.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -14,6 +15,10 @@ static PDL: AtomicBool = AtomicBool::new(true);
 /// Smaller launches keep what the amax pass read in L2 for the fake quant right after it, at
 /// the cost of more launches; `benchmarks/bench_step.py` measures the trade.
 static MANY_BATCH_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bytes an NVFP4 amax pass asks L2 to keep for the kernel after it (0: no cache hints): the
+/// bytes that kernel reads first, with evict_last, all else evict_first (`aqn::L2Hint` in
+/// cuda/fp4_common.cuh). Off until `benchmarks/bench_kernels.py --l2-keep-mb` has measured it.
+static L2_KEEP_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Sets the given knobs (None keeps a value; the caps are at least 1).
 pub fn set(
@@ -21,7 +26,11 @@ pub fn set(
     amax_ctas_per_sm: Option<u32>,
     pdl: Option<bool>,
     many_batch_bytes: Option<u64>,
+    l2_keep_bytes: Option<u64>,
 ) {
+    if let Some(v) = l2_keep_bytes {
+        L2_KEEP_BYTES.store(v, Ordering::Relaxed);
+    }
     if let Some(v) = many_batch_bytes {
         MANY_BATCH_BYTES.store(v, Ordering::Relaxed);
     }
@@ -36,9 +45,19 @@ pub fn set(
     }
 }
 
-/// `(ctas_per_sm, amax_ctas_per_sm, pdl, many_batch_bytes)` in force.
-pub fn get() -> (u32, u32, bool, u64) {
-    (ctas_per_sm(), amax_ctas_per_sm(), pdl(), many_batch_bytes())
+/// `(ctas_per_sm, amax_ctas_per_sm, pdl, many_batch_bytes, l2_keep_bytes)` in force.
+pub fn get() -> (u32, u32, bool, u64, u64) {
+    (
+        ctas_per_sm(),
+        amax_ctas_per_sm(),
+        pdl(),
+        many_batch_bytes(),
+        l2_keep_bytes(),
+    )
+}
+
+pub fn l2_keep_bytes() -> u64 {
+    L2_KEEP_BYTES.load(Ordering::Relaxed)
 }
 
 pub fn many_batch_bytes() -> u64 {
