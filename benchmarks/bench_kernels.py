@@ -114,6 +114,9 @@ def main():
     ap.add_argument("--tune", action="store_true", help="sweep the grid/amax/walk-order knobs first")
     ap.add_argument("--diag", action="store_true", help="read-bandwidth diagnostics (torch reductions, graph-replay timing)")
     ap.add_argument("--no-table", action="store_true", help="stop before the bandwidth table (after the sweeps)")
+    ap.add_argument("--l2-keep-mb", type=float, nargs="*", default=[], metavar="MB",
+                    help="extra bf16 rows: NVFP4 incl. amax with the amax pass asking L2 to keep MB MiB "
+                         "for the fake quant (cuda_set_tuning(l2_keep_bytes=), set per row and restored)")
     args = ap.parse_args()
     if args.extract_peers:
         extract_peers(args.extract_peers)
@@ -345,6 +348,15 @@ def main():
             ops.append((f"mxfp4 {mode}", ("mx", mode), bench(lambda m=mode: _cuda.fake_quant(x, "mxfp4", m, None))))
         ops.append(("nvfp4 amax given", ("nv", True), bench(lambda: _cuda.fake_quant(x, "nvfp4", "floor", amax))))
         ops.append(("nvfp4 incl. amax", ("nv", False), bench(lambda: _cuda.fake_quant(x, "nvfp4", "floor", None))))
+        if dt == torch.bfloat16:
+            for mb in args.l2_keep_mb:
+                default = rs.cuda_set_tuning()
+                try:
+                    rs.cuda_set_tuning(l2_keep_bytes=int(mb * (1 << 20)))
+                    t_keep = bench(lambda: _cuda.fake_quant(x, "nvfp4", "floor", None))
+                finally:
+                    rs.cuda_set_tuning(*default)
+                ops.append((f"nvfp4 incl. amax, L2 keep {mb:g} MiB", None, t_keep))
         if shape == ref_shape and dt == torch.bfloat16:
             codes, scales, gs = _cuda.quantize(x, "nvfp4", "floor", amax)
             ops.append(("nvfp4 quantize (amax given)", None, bench(lambda: _cuda.quantize(x, "nvfp4", "floor", amax))))
@@ -419,6 +431,9 @@ def main():
     # amax pass (walking backwards) read last, so part of its read comes from L2
     nv_amax = 1.55
     target(f"bf16 4096x14336 NVFP4 incl. amax <= {nv_amax}x copy", i <= nv_amax, f"{i:.3f}")
+    for mb in args.l2_keep_mb:  # not a target: the default has no hints; says whether to change it
+        say(f"- (knob) bf16 4096x14336 NVFP4 incl. amax with L2 keep {mb:g} MiB: "
+            f"{r(ref_shape, bf, f'nvfp4 incl. amax, L2 keep {mb:g} MiB'):.3f}x copy")
     big = [s for s in sweep if math.prod(s) >= (16 << 20)]
     for op, lim in [("mxfp4 floor", 1.10), ("mxfp4 rceil", 1.10), ("mxfp4 even", 1.10), ("mxfp4 ceil", 1.10),
                     ("nvfp4 amax given", 1.10), ("nvfp4 incl. amax", nv_amax)]:
