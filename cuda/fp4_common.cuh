@@ -170,8 +170,9 @@ __device__ __forceinline__ void stg_hint(uint4* p, const uint4& v, L2Hint h) {
                  : "memory");
 }
 
-// A kernel's hint mode as a type, so that the unhinted instantiation is the code it was before
-// hints existed (a runtime flag would sit in every load of the hot loop).
+// A kernel's hint mode as a type: the kernel branches once, at its start, between an unhinted
+// instantiation (the code as it was before hints existed) and a hinted one, instead of testing
+// a runtime flag in every load of the hot loop.
 template <bool B>
 struct Hinted {
     static constexpr bool value = B;
