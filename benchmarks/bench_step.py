@@ -66,16 +66,33 @@ ORDER = ["none-before"] + [v[0] for v in AQN_VARIANTS] + [VERL_NAME, "none-after
 # `--many-batch-mb N`: w4a16-nvfp4 (prefill on) with the multi-tensor NVFP4 launches capped at
 # N MiB of weights each (`cuda_set_tuning(many_batch_bytes=)`): the amax pass and the fake
 # quant of a launch then run back to back over bytes that can still be in L2, at the cost of
-# more launches. One column per N, inserted before verl's.
+# more launches. One column per N, inserted before verl's. `--l2-keep-mb K` adds, per N, a
+# twin column `...-keep{K}MiB` with the amax pass also asking L2 to keep K MiB for the fake
+# quant after it (`cuda_set_tuning(l2_keep_bytes=)`; aqn::L2Hint in cuda/fp4_common.cuh).
 L2B_PREFIX = "w4a16-nvfp4-batch"
 
 
-def l2b_name(mb: float) -> str:
-    return f"{L2B_PREFIX}{mb:g}MiB"
+def l2b_name(mb: float, keep_mb: float | None = None) -> str:
+    return f"{L2B_PREFIX}{mb:g}MiB" + ("" if keep_mb is None else f"-keep{keep_mb:g}MiB")
+
+
+def l2b_names(args) -> list:
+    names = []
+    for mb in args.many_batch_mb:
+        names.append(l2b_name(mb))
+        if args.l2_keep_mb is not None:
+            names.append(l2b_name(mb, args.l2_keep_mb))
+    return names
+
+
+def l2b_parse(name: str) -> tuple:
+    """(batch MiB, keep MiB or 0) of a column named by l2b_name."""
+    batch, _, keep = name[len(L2B_PREFIX):].partition("-keep")
+    return float(batch[:-len("MiB")]), float(keep[:-len("MiB")]) if keep else 0.0
 
 
 def order_for(args) -> list:
-    extra = [l2b_name(mb) for mb in args.many_batch_mb]
+    extra = l2b_names(args)
     return ORDER[:-2] + extra + ORDER[-2:]
 
 
@@ -153,14 +170,15 @@ def attach(model, name):
     if name == VERL_NAME:
         return attach_verl(model)
     if name.startswith(L2B_PREFIX):
-        mb = float(name[len(L2B_PREFIX):-len("MiB")])
-        before = aqn_rs._aqn_rs.cuda_set_tuning()[3]  # RuntimeError without the kernels: skipped
-        aqn_rs._aqn_rs.cuda_set_tuning(many_batch_bytes=int(mb * (1 << 20)))
+        mb, keep_mb = l2b_parse(name)
+        before = aqn_rs._aqn_rs.cuda_set_tuning()  # RuntimeError without the kernels: skipped
+        aqn_rs._aqn_rs.cuda_set_tuning(many_batch_bytes=int(mb * (1 << 20)),
+                                       l2_keep_bytes=int(keep_mb * (1 << 20)))
         h = aqn_rs.quantize_model(model, aqn_rs.Nvfp4Quantizer(), prefill=True)
 
         def undo():
             h.remove()
-            aqn_rs._aqn_rs.cuda_set_tuning(many_batch_bytes=before)
+            aqn_rs._aqn_rs.cuda_set_tuning(*before)
 
         return None, undo
     handles = []
@@ -234,7 +252,7 @@ def profile_step(model, opt, batch, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
-    names = ["none", "w4a16-nvfp4", "w4a16-nvfp4-noprefill"] + [l2b_name(mb) for mb in args.many_batch_mb]
+    names = ["none", "w4a16-nvfp4", "w4a16-nvfp4-noprefill"] + l2b_names(args)
     for name in names + ["w4a16-mxfp4"]:
         after_step, undo = attach(model, name)
         try:
@@ -280,7 +298,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile-micro", type=int, default=1, help="the micro-batch count of the --profile step")
     ap.add_argument("--many-batch-mb", type=float, nargs="*", default=[],
                     help="extra w4a16-nvfp4 columns with the multi-tensor launches capped at N MiB of weights")
+    ap.add_argument("--l2-keep-mb", type=float, metavar="K",
+                    help="with --many-batch-mb: a twin of each capped column with the L2 hints keeping K MiB")
     args = ap.parse_args(argv)
+    if args.l2_keep_mb is not None and (args.l2_keep_mb <= 0 or not args.many_batch_mb):
+        ap.error(f"--l2-keep-mb needs a size > 0 and --many-batch-mb: got {args.l2_keep_mb}")
     if any(mb <= 0 for mb in args.many_batch_mb):
         ap.error(f"--many-batch-mb sizes must be > 0: got {args.many_batch_mb}")
     order = order_for(args)

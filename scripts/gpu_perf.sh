@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$R/card.
 timeout "${TEST_T:-120}" python3 -m pytest -q -p no:cacheprovider tests/exact/test_cuda_l2_keep.py \
     tests/exact/test_cuda_many.py > "$R/tests.txt" 2>&1; el "tests rc=$?"; tail -3 "$R/tests.txt"
 timeout "${STEP_T:-300}" python3 benchmarks/bench_step.py --profile --profile-micro 1 --micro-size 8 \
-    --rounds 3 --steps 8 --micro 1 4 --many-batch-mb 24 --json "$R/step.json" > "$R/step.txt" 2>&1
+    --rounds 3 --steps 8 --micro 1 4 --many-batch-mb 24 --l2-keep-mb 24 --json "$R/step.json" > "$R/step.txt" 2>&1
 el "step rc=$?"
 grep -E "^(none|bf16|w4a16|verl|variant|==)|kernel|overhead" "$R/step.txt" | head -40
 timeout "${SYNC_T:-40}" python3 benchmarks/bench_sync.py --format nvfp4 --reps 3 > "$R/sync.txt" 2>&1

@@ -126,14 +126,18 @@ def test_many_batch_columns_set_and_restore_the_launch_size(bench, monkeypatch):
     real = bench.time_steps
 
     def spy(*a, **k):
-        seen.append(rs.cuda_set_tuning()[3])
+        seen.append(rs.cuda_set_tuning()[3:5])
         return real(*a, **k)
 
     monkeypatch.setattr(bench, "time_steps", spy)
-    res = bench.main(TINY + ["--rounds", "1", "--micro", "1", "--many-batch-mb", "8", "0.5"])
-    names = ["w4a16-nvfp4-batch8MiB", "w4a16-nvfp4-batch0.5MiB"]
-    assert res["order"][-4:] == names + [bench.VERL_NAME, "none-after"]
+    res = bench.main(TINY + ["--rounds", "1", "--micro", "1", "--many-batch-mb", "8", "0.5", "--l2-keep-mb", "2"])
+    names = ["w4a16-nvfp4-batch8MiB", "w4a16-nvfp4-batch8MiB-keep2MiB",
+             "w4a16-nvfp4-batch0.5MiB", "w4a16-nvfp4-batch0.5MiB-keep2MiB"]
+    assert res["order"][-6:] == names + [bench.VERL_NAME, "none-after"]
     assert all(n in res["summary"]["1"] for n in names)
-    assert {8 << 20, 1 << 19} <= set(seen) and rs.cuda_set_tuning() == before
+    assert {(8 << 20, 0), (8 << 20, 2 << 20), (1 << 19, 0), (1 << 19, 2 << 20)} <= set(seen)
+    assert rs.cuda_set_tuning() == before
     with pytest.raises(SystemExit):
         bench.main(TINY + ["--many-batch-mb", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--l2-keep-mb", "4"])  # needs --many-batch-mb
