@@ -179,11 +179,7 @@ __device__ __forceinline__ void amax_partials_body(const Args& a) {
 
 template <typename T>
 __device__ __forceinline__ void amax_partials(const Args& a) {
-    if (a.keep_vecs != 0) {
-        amax_partials_body<T, true>(a);
-    } else {
-        amax_partials_body<T, false>(a);
-    }
+    with_hint(a.keep_vecs, [&](auto hinted, L2Hint) { amax_partials_body<T, decltype(hinted)::value>(a); });
 }
 
 // The amax pass of a multi-tensor launch: per CTA and slot, max |x| over the CTA's chunks of
@@ -243,11 +239,7 @@ __device__ __forceinline__ void amax_many_partials_body(const ManyArgs& a) {
 
 template <typename T>
 __device__ __forceinline__ void amax_many_partials(const ManyArgs& a) {
-    if (a.keep_chunks != 0) {
-        amax_many_partials_body<T, true>(a);
-    } else {
-        amax_many_partials_body<T, false>(a);
-    }
+    with_hint(a.keep_chunks, [&](auto hinted, L2Hint) { amax_many_partials_body<T, decltype(hinted)::value>(a); });
 }
 
 // Per-CTA sums, in f32, of (x - y)^2 and x^2 over two flat tensors of rows * k elements (x a
