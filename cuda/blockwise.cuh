@@ -158,9 +158,10 @@ __device__ __forceinline__ void fake_quant_vec(const Args& a) {
     uint4* __restrict__ out = static_cast<uint4*>(a.out);
     with_hint(a.keep_vecs, [&](auto hinted, L2Hint h) {
         constexpr bool H = decltype(hinted)::value;
-        encode_vec<T, RuleOf, H>(a, h, [&](long long i, const uint4& v, uint32_t m, const auto& rule) {
-            fake_quant_store<T, H>(out, i, v, m, rule, h);
-        });
+        encode_vec<T, RuleOf, H>(a, h,
+                                 [&](long long i, const uint4& v, uint32_t m, const auto& rule) {
+                                     fake_quant_store<T, H>(out, i, v, m, rule, h);
+                                 });
     });
 }
 

@@ -179,7 +179,9 @@ __device__ __forceinline__ void amax_partials_body(const Args& a) {
 
 template <typename T>
 __device__ __forceinline__ void amax_partials(const Args& a) {
-    with_hint(a.keep_vecs, [&](auto hinted, L2Hint) { amax_partials_body<T, decltype(hinted)::value>(a); });
+    with_hint(a.keep_vecs, [&](auto hinted, L2Hint) {
+        amax_partials_body<T, decltype(hinted)::value>(a);
+    });
 }
 
 // The amax pass of a multi-tensor launch: per CTA and slot, max |x| over the CTA's chunks of
@@ -239,7 +241,9 @@ __device__ __forceinline__ void amax_many_partials_body(const ManyArgs& a) {
 
 template <typename T>
 __device__ __forceinline__ void amax_many_partials(const ManyArgs& a) {
-    with_hint(a.keep_chunks, [&](auto hinted, L2Hint) { amax_many_partials_body<T, decltype(hinted)::value>(a); });
+    with_hint(a.keep_chunks, [&](auto hinted, L2Hint) {
+        amax_many_partials_body<T, decltype(hinted)::value>(a);
+    });
 }
 
 // Per-CTA sums, in f32, of (x - y)^2 and x^2 over two flat tensors of rows * k elements (x a
