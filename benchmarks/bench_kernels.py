@@ -141,7 +141,7 @@ def main():
 
     say(f"Card: **{card}** ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), "
         f"torch {torch.__version__}, aqn-rs {aqn_rs.__version__}, archs {_cuda.build_archs()}, "
-        f"tuning (CTAs/SM, amax CTAs/SM, PDL, multi-tensor launch bytes) = {rs.cuda_set_tuning()}")
+        f"tuning (CTAs/SM, amax CTAs/SM, PDL, multi-tensor launch bytes, L2 keep bytes) = {rs.cuda_set_tuning()}")
     say()
 
     def bench(fn):

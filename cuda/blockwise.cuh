@@ -92,8 +92,10 @@ __device__ __forceinline__ void store_vec(uint4* __restrict__ out, long long i, 
     }
 }
 
-// The element kernels after an NVFP4 amax pass that kept bytes in L2 (keep != 0) read and write
-// with evict_first (L2Hint); `run(Hinted<bool>{}, policy)` is the kernel body.
+// A kernel's two instantiations: keep != 0 (the amax pass kept bytes in L2, or is asked to)
+// runs `run(Hinted<true>{}, evict_first)`, else `run(Hinted<false>{}, none)` (L2Hint). The
+// element kernels read and write with that policy; the amax passes read what they do not
+// keep with it.
 template <typename Run>
 __device__ __forceinline__ void with_hint(long long keep, Run run) {
     if (keep != 0) {

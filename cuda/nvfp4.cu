@@ -125,9 +125,10 @@ __device__ __forceinline__ uint4 amax_load(const uint4* p, bool kept, L2Hint kee
 }
 
 // Per-CTA max |x| over a flat tensor of rows * k elements; out[blockIdx.x] = the CTA's amax.
-// HINT: vectors below a.keep_vecs are read with evict_last, the others with evict_first.
+// HINT: vectors below a.keep_vecs are read with evict_last, the others with `drop`
+// (evict_first, from with_hint).
 template <typename T, bool HINT>
-__device__ __forceinline__ void amax_partials_body(const Args& a) {
+__device__ __forceinline__ void amax_partials_body(const Args& a, L2Hint drop) {
     using D = Dtype<T>;
     constexpr int EPV = D::EPV;
     allow_dependents();
@@ -153,7 +154,6 @@ __device__ __forceinline__ void amax_partials_body(const Args& a) {
     const long long chunk = (long long)blockDim.x * AMAX_UNROLL;
     const long long n_chunks = (n_vec + chunk - 1) / chunk;
     const L2Hint keep = HINT ? L2Hint::evict_last() : L2Hint{0};
-    const L2Hint drop = HINT ? L2Hint::evict_first() : L2Hint{0};
     for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {
         const long long base = (n_chunks - 1 - c) * chunk;
         uint4 v[AMAX_UNROLL];
@@ -179,8 +179,8 @@ __device__ __forceinline__ void amax_partials_body(const Args& a) {
 
 template <typename T>
 __device__ __forceinline__ void amax_partials(const Args& a) {
-    with_hint(a.keep_vecs, [&](auto hinted, L2Hint) {
-        amax_partials_body<T, decltype(hinted)::value>(a);
+    with_hint(a.keep_vecs, [&](auto hinted, L2Hint drop) {
+        amax_partials_body<T, decltype(hinted)::value>(a, drop);
     });
 }
 
@@ -205,12 +205,12 @@ __device__ __forceinline__ void amax_many_flush(const ManyArgs& a, int slot, uin
     __syncthreads();  // s_warp is reused by the next flush
 }
 
-// HINT: chunks below a.keep_chunks are read with evict_last, the others with evict_first.
+// HINT: chunks below a.keep_chunks are read with evict_last, the others with `drop`
+// (evict_first, from with_hint).
 template <typename T, bool HINT>
-__device__ __forceinline__ void amax_many_partials_body(const ManyArgs& a) {
+__device__ __forceinline__ void amax_many_partials_body(const ManyArgs& a, L2Hint drop) {
     using D = Dtype<T>;
     const L2Hint keep = HINT ? L2Hint::evict_last() : L2Hint{0};
-    const L2Hint drop = HINT ? L2Hint::evict_first() : L2Hint{0};
     if (threadIdx.x == 0)
         for (int s = 0; s < a.n_slots; ++s) a.partials[(long long)s * a.n_partials + blockIdx.x] = 0.0f;
     const long long chunk = (long long)blockDim.x * AMAX_UNROLL;
@@ -241,8 +241,8 @@ __device__ __forceinline__ void amax_many_partials_body(const ManyArgs& a) {
 
 template <typename T>
 __device__ __forceinline__ void amax_many_partials(const ManyArgs& a) {
-    with_hint(a.keep_chunks, [&](auto hinted, L2Hint) {
-        amax_many_partials_body<T, decltype(hinted)::value>(a);
+    with_hint(a.keep_chunks, [&](auto hinted, L2Hint drop) {
+        amax_many_partials_body<T, decltype(hinted)::value>(a, drop);
     });
 }
 

@@ -263,8 +263,9 @@ mod tests {
 
     #[test]
     fn keep_chunks_counts_whole_chunks_within_the_budget() {
-        let c = 10; // vectors per chunk
-                    // Entries of 25 (3 chunks, the last short counts as 10), 10 (1) and 40 (4) vectors.
+        // Chunks of 10 vectors; entries of 25 (3 chunks, the last short one counting as 10),
+        // 10 (1) and 40 (4) vectors.
+        let c = 10;
         let n = || [25u64, 10, 40].into_iter();
         assert_eq!(keep_chunks(n(), c, 0), 0);
         assert_eq!(keep_chunks(n(), c, 9), 0);

@@ -8,8 +8,8 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 
 use super::abi::{
-    Args, Dt, Fmt, KernelParam, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL, VEC_BYTES,
-    VEC_THREADS, VEC_UNROLL,
+    Args, Dt, Fmt, KernelParam, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL, VEC_THREADS,
+    VEC_UNROLL,
 };
 use super::args::AmaxSource;
 use super::driver::{check, device, CtxGuard, Device, Func};
@@ -159,8 +159,7 @@ impl Launch {
                 } else {
                     // The element kernel after this pass reads the tensor from its start: the
                     // first bytes are the ones to keep (tuning::l2_keep_bytes).
-                    let keep =
-                        (tuning::l2_keep_bytes() / VEC_BYTES as u64).min(n / dt.epv() as u64);
+                    let keep = tuning::l2_keep_vecs().min(n / dt.epv() as u64);
                     a.n_amax = self.amax_partials(dt, a.x, n, scratch, keep)?;
                     a.amax_src = scratch;
                     a.keep_vecs = keep as i64;

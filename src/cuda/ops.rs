@@ -6,7 +6,7 @@ use cudarc::driver::sys;
 
 use super::abi::{
     Args, Dt, Fmt, ManyArgs, NoiseArgs, Op, AMAX_SCRATCH, AMAX_THREADS, AMAX_UNROLL,
-    FINALIZE_THREADS, NOISE_THREADS, VEC_BYTES, VEC_THREADS, VEC_UNROLL,
+    FINALIZE_THREADS, NOISE_THREADS, VEC_THREADS, VEC_UNROLL,
 };
 use super::args::{keep_chunks, numel, AmaxSource, ManyBatch};
 use super::launch::{pick, Launch};
@@ -417,7 +417,7 @@ pub fn fake_quant_many(
             a.keep_chunks = keep_chunks(
                 b.tensors.iter().map(|t| t.n / epv),
                 AMAX_THREADS as u64 * AMAX_UNROLL,
-                tuning::l2_keep_bytes() / VEC_BYTES as u64,
+                tuning::l2_keep_vecs(),
             ) as i64;
             hinted = a.keep_chunks != 0;
             l.launch(

@@ -1,7 +1,7 @@
 //! Launch knobs for the benchmark only (`cuda_set_tuning`): grid caps in CTAs per SM, the
 //! programmatic dependent launch switch, the multi-tensor NVFP4 launch size and the L2 bytes an
-//! amax pass keeps for the kernel after it. Process-wide;
-//! the defaults are what every user gets.
+//! amax pass keeps for the kernel after it. Process-wide; the defaults are what every user
+//! gets.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -58,6 +58,11 @@ pub fn get() -> (u32, u32, bool, u64, u64) {
 
 pub fn l2_keep_bytes() -> u64 {
     L2_KEEP_BYTES.load(Ordering::Relaxed)
+}
+
+/// `l2_keep_bytes` in the kernels' 16-byte vectors (what `keep_vecs` / `keep_chunks` count).
+pub fn l2_keep_vecs() -> u64 {
+    l2_keep_bytes() / super::abi::VEC_BYTES as u64
 }
 
 pub fn many_batch_bytes() -> u64 {

@@ -22,7 +22,8 @@ BUDGETS = (0, 8, 16, 48 << 10, 3 << 20, 1 << 40)
 
 
 def bits(t):
-    return t.view(INT_VIEW[t.dtype])
+    """The raw bits of a float tensor as integers (other dtypes, e.g. FP8 scales, as bytes)."""
+    return t.view(INT_VIEW.get(t.dtype, torch.uint8))
 
 
 @pytest.fixture
@@ -66,9 +67,8 @@ def test_fake_quant_and_quantize_incl_amax_keep_their_bits(keep, dtype, budget):
     for x, (want_fq, want_q) in zip(xs, plain):
         xc = x.cuda()
         assert torch.equal(bits(_cuda.fake_quant(xc, "nvfp4", "floor", None)), bits(want_fq)), (x.shape, budget)
-        for got, want in zip(_cuda.quantize(xc, "nvfp4", "floor", None), want_q):
-            assert torch.equal(got.view(torch.uint8) if got.dtype != torch.float32 else got.view(torch.int32),
-                               want.view(torch.uint8) if want.dtype != torch.float32 else want.view(torch.int32))
+        for got, want in zip(_cuda.quantize(xc, "nvfp4", "floor", None), want_q):  # codes, scales, gs
+            assert got.dtype == want.dtype and torch.equal(bits(got), bits(want)), (x.shape, budget)
     # The CPU kernels agree (so the hint-free CUDA run above is not the only reference).
     cpu = aqn_rs.Nvfp4Quantizer().fake_quant(xs[0])
     assert torch.equal(bits(_cuda.fake_quant(xs[0].cuda(), "nvfp4", "floor", None).cpu()), bits(cpu))
@@ -85,11 +85,9 @@ def test_fake_quant_many_keeps_its_bits(keep, budget):
     q = aqn_rs.Nvfp4Quantizer()
     groups = [i // 2 for i in range(140)]
     want = q.fake_quant_many(xs, groups=groups)
-    old = _rs.cuda_set_tuning()
-    for cap in (0, 1 << 20):
-        keep(budget)
+    keep(budget)
+    for cap in (0, 1 << 20):  # the fixture restores the cap too
         _rs.cuda_set_tuning(many_batch_bytes=cap)
         got = q.fake_quant_many(xs, groups=groups)
         for i, (a, b) in enumerate(zip(got, want)):
             assert torch.equal(bits(a), bits(b)), (i, budget, cap)
-    _rs.cuda_set_tuning(*old)
